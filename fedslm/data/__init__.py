@@ -1,0 +1,1 @@
+"""Data for each site: generators, chat formatting and answer-only loss masks."""

@@ -1,0 +1,105 @@
+"""The shared model users take away: base + global adapter merged into one HF directory,
+checked against the unmerged model, with its privacy guarantee written beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
+from fedslm.config import RunConfig, to_run_config
+from fedslm.data.tokenize import chat_prompt
+from fedslm.model import load_base_model
+
+PARITY_TOL_FP32 = 1e-4
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def build_adapted(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor]):
+    """(peft model with the global adapter loaded, tokenizer)."""
+    base, tok = load_base_model(model_dir)
+    peft_model = attach_lora(base, cfg.lora, freeze_a=cfg.strategy.name == "ffa")
+    load_adapter_state(peft_model, tensors)
+    peft_model.eval()
+    return peft_model, tok
+
+
+@torch.no_grad()
+def merge_parity(peft_model, merged, tok, prompts: list[str]) -> float:
+    """Max |logit difference| between base+adapter and the merged model."""
+    worst = 0.0
+    for p in prompts:
+        ids = tok(chat_prompt(tok, p), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        a = peft_model(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor], out_dir: Path,
+                  parity_prompts: list[str], privacy: dict) -> dict:
+    """Write the merged model, the adapter alone (PEFT format) and the model card."""
+    out_dir = Path(out_dir)
+    peft_model, tok = build_adapted(model_dir, cfg, tensors)
+    peft_model.save_pretrained(out_dir.parent / "adapter")  # for users who keep the base
+    full_adapter = adapter_state(peft_model, trainable_only=False)
+
+    # merge into a fresh copy so the adapter model stays intact for the parity check
+    merged_src, _ = build_adapted(model_dir, cfg, tensors)
+    merged = merged_src.merge_and_unload()
+    merged.eval()
+    diff = merge_parity(peft_model, merged, tok, parity_prompts)
+    if diff > PARITY_TOL_FP32:
+        raise ParityError(f"merged model differs from base+adapter by {diff:.2e} > {PARITY_TOL_FP32:.0e}")
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "training_config.json").write_text(json.dumps(to_run_config(cfg), indent=2))
+    (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
+    (out_dir / "README.md").write_text(model_card(cfg, privacy, diff, len(full_adapter)))
+    return {"merge_max_abs_diff": diff, "model_dir": str(out_dir)}
+
+
+def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> str:
+    if privacy.get("level") == "sample":
+        eps = max(privacy["epsilon_per_site"].values(), default=0.0)
+        guarantee = (
+            f"Trained with sample-level differential privacy (DP-SGD, Opacus) at every site: "
+            f"({eps:.2f}, {privacy['delta']:g})-DP per site (target epsilon {privacy['target_epsilon']}), "
+            f"over {privacy['rounds']} rounds and {privacy['sites']} sites, accountant `{privacy['accountant']}`. "
+            f"Per-example gradients were clipped to norm {privacy['max_grad_norm']} and Gaussian noise "
+            f"was added (noise multiplier per site: {privacy['noise_multiplier_per_site']})."
+        )
+        scope = (
+            "This protects each single training record (one question and answer) of each site: "
+            "the model is almost as likely to have come out without any one record. It does not "
+            "protect facts that appear in many records of a site, nor the identity of a site as a "
+            "whole (no client-level DP in this run), nor the base model's own training data."
+        )
+    else:
+        guarantee = "Trained WITHOUT differential privacy: no formal privacy guarantee."
+        scope = "Training records may be memorised and extractable from this model."
+    return f"""# fedslm federated model
+
+Base model: `{cfg.model.path or cfg.model.source}`; LoRA rank {cfg.lora.r} on {', '.join(cfg.lora.target_modules)},
+aggregated with `{cfg.strategy.name}` over {cfg.federation.rounds} rounds and {cfg.federation.sites} sites,
+then merged into the base weights ({n_tensors} adapter tensors).
+
+## Privacy guarantee
+{guarantee}
+
+{scope}
+
+## Checks
+Merged model vs base + adapter: max |logit difference| = {parity:.2e} on held-out prompts.
+
+## Files
+`model.safetensors` + `config.json` + tokenizer: load with
+`AutoModelForCausalLM.from_pretrained(dir)`. `privacy.json`: the guarantee as data.
+`training_config.json`: the run's configuration. The adapter alone (PEFT format) is in `../adapter`.
+"""

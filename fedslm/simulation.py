@@ -1,0 +1,64 @@
+"""Run a federation on this machine with Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from fedslm import quiet
+from fedslm.config import RunConfig
+from fedslm.model import resolve_model_dir
+
+
+class FederationFailed(RuntimeError):
+    pass
+
+
+def simulate(cfg: RunConfig, echo=print) -> dict:
+    quiet.silence_known_noise()
+    # Ray's socket paths must stay short; the default temp dir under a deep cwd is not.
+    os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "ray"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    # Convert/build the base model once here, before any site process starts, so the
+    # sites only ever read the safetensors cache.
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(cfg.model)
+    echo(f"base model: {model_dir} ({time.perf_counter() - t0:.1f}s to prepare)")
+
+    run_dir = Path(cfg.output_dir)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    fed = cfg.federation
+    backend = {
+        "client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": fed.ray_cpus or os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+        },
+    }
+    start = time.perf_counter()
+    run_simulation(
+        server_app=build_server_app(cfg),
+        client_app=build_client_app(cfg),
+        num_supernodes=fed.sites,
+        backend_config=backend,
+    )
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FederationFailed(
+            f"the federation ended without writing {summary_path}; the server or a site "
+            "failed: see the error printed above"
+        )
+    summary = json.loads(summary_path.read_text())
+    summary["federation_seconds"] = time.perf_counter() - start
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,182 @@
+"""What one site does when a message arrives: load the global adapter, train or evaluate
+on its own data, and reply with adapter tensors and metrics only.
+
+The base model, tokenizer, LoRA wrapper and Opacus wrapper are built once per process
+and reused for every round and every site that shares the process (in simulation, Ray
+actors serve several sites). Per-site state that must persist (the privacy ledger) lives
+in the node's `context.state`, never in the process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedslm import quiet
+from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
+from fedslm.config import RunConfig, from_run_config, validate
+from fedslm.data.clinic import site_splits
+from fedslm.data.tokenize import TokenizedDataset
+from fedslm.model import load_base_model, resolve_model_dir
+from fedslm.privacy import PrivacyLedger
+from fedslm.train import DPContext, evaluate_loss, plan_dp, train_local
+from fedslm.transport import from_record, to_record
+
+LEDGER_KEY = "fedslm.privacy"
+
+
+@dataclass
+class SiteRuntime:
+    peft_model: torch.nn.Module
+    tokenizer: object
+    grad_sample_module: torch.nn.Module | None
+    datasets: dict = field(default_factory=dict)
+
+
+_RUNTIMES: dict[tuple, SiteRuntime] = {}
+
+
+def runtime_for(cfg: RunConfig) -> SiteRuntime:
+    key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), cfg.strategy.name, cfg.privacy.enabled)
+    if key not in _RUNTIMES:
+        quiet.silence_known_noise()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        model, tok = load_base_model(resolve_model_dir(cfg.model))
+        peft_model = attach_lora(model, cfg.lora, freeze_a=cfg.strategy.name == "ffa")
+        gsm = None
+        if cfg.privacy.enabled:
+            from opacus import GradSampleModule
+
+            gsm = GradSampleModule(peft_model)
+        _RUNTIMES[key] = SiteRuntime(peft_model, tok, gsm)
+    return _RUNTIMES[key]
+
+
+def site_data(cfg: RunConfig, site: int, rt: SiteRuntime) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """This site's tokenised train and held-out splits, built once per process."""
+    key = (site, repr(cfg.data))
+    if key not in rt.datasets:
+        d = cfg.data
+        train_recs, eval_recs = site_splits(site, d.train_examples, d.eval_examples, d.seed)
+        rt.datasets[key] = (
+            TokenizedDataset(rt.tokenizer, train_recs, d.max_length),
+            TokenizedDataset(rt.tokenizer, eval_recs, d.max_length),
+        )
+    return rt.datasets[key]
+
+
+def site_id(context: Context) -> int:
+    """Simulation gives each node a partition id; a deployed SuperNode sets `site-id`."""
+    for key in ("site-id", "partition-id"):
+        if key in context.node_config:
+            return int(context.node_config[key])
+    raise KeyError(
+        "this node has no site id: start the SuperNode with --node-config 'site-id=N' "
+        "(simulation sets partition-id itself)"
+    )
+
+
+def config_for(context: Context, cfg: RunConfig | None) -> RunConfig:
+    return cfg if cfg is not None else validate(from_run_config(context.run_config))
+
+
+def _load_ledger(context: Context) -> PrivacyLedger:
+    if LEDGER_KEY in context.state.config_records:
+        return PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["history"]))
+    return PrivacyLedger()
+
+
+def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
+    context.state.config_records[LEDGER_KEY] = ConfigRecord({"history": ledger.to_json()})
+
+
+def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool = True) -> Message:
+    rt = runtime_for(cfg)
+    site = site_id(context)
+    train_ds, eval_ds = site_data(cfg, site, rt)
+    load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
+    server_round = int(msg.content["config"]["server-round"])
+
+    dp, epsilon, noise, rate = None, 0.0, 0.0, 0.0
+    if cfg.privacy.enabled:
+        ledger = _load_ledger(context)
+        plan = plan_dp(cfg.privacy, cfg.train, len(train_ds), cfg.federation.rounds)
+        # refuse before spending anything (raises BudgetExceededError with the numbers)
+        ledger.check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+        dp, noise, rate = DPContext(cfg.privacy, plan, ledger), plan.noise_multiplier, plan.sample_rate
+
+    bar = _progress_bar(cfg, site, server_round) if progress and cfg.train.progress else None
+    stats = train_local(
+        rt.peft_model,
+        train_ds,
+        cfg.train,
+        pad_id=rt.tokenizer.pad_token_id,
+        seed=hash((cfg.seed, site, server_round)) % (2**31),
+        dp=dp,
+        grad_sample_module=rt.grad_sample_module,
+        progress=bar.step if bar else None,
+    )
+    if bar:
+        bar.close()
+    if stats.ledger is not None:
+        _save_ledger(context, stats.ledger)
+        epsilon = stats.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+
+    metrics = MetricRecord(
+        {
+            "num-examples": len(train_ds),
+            "site": site,
+            "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
+            "epsilon": epsilon,
+            "noise_multiplier": noise,
+            "sample_rate": rate,
+            "steps_total": stats.ledger.steps if stats.ledger else stats.steps,
+            "steps": stats.steps,
+            "examples_seen": stats.examples_seen,
+            "train_seconds": stats.seconds,
+        }
+    )
+    arrays = to_record(adapter_state(rt.peft_model), cfg.federation.transport_dtype)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    rt = runtime_for(cfg)
+    site = site_id(context)
+    _, eval_ds = site_data(cfg, site, rt)
+    load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
+    loss = evaluate_loss(rt.peft_model, eval_ds, cfg.train.eval_batch_size, rt.tokenizer.pad_token_id)
+    metrics = MetricRecord({"num-examples": len(eval_ds), "site": site, "eval_loss": loss})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+class _progress_bar:
+    """A local-steps bar. In simulation Ray forwards every refresh as a new line, so it
+    refreshes at most every few seconds."""
+
+    def __init__(self, cfg: RunConfig, site: int, server_round: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=cfg.train.local_steps,
+            desc=f"round {server_round} site {site}",
+            unit="step",
+            leave=True,
+            mininterval=5.0,
+            ascii=True,
+            dynamic_ncols=False,
+            ncols=80,
+            disable=os.environ.get("FEDSLM_NO_PROGRESS") == "1",
+        )
+
+    def step(self, loss: float) -> None:
+        self.bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

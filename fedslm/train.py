@@ -1,0 +1,181 @@
+"""The one local training loop (DP or not) and held-out evaluation.
+
+Loss is the mean over answer tokens of each sequence, then the mean over sequences: each
+example contributes one per-sample loss, which is what per-sample clipping assumes. HF's
+`labels=` loss averages over all tokens of the batch and would mix samples. Logits are
+computed only at answer positions, because a full (batch x length x vocab) logit tensor
+dominates memory for a 49k-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedslm.config import PrivacyConfig, TrainConfig
+from fedslm.data.tokenize import TokenizedDataset, make_collate
+from fedslm.privacy import PrivacyLedger, calibrate_noise
+
+
+def sequence_losses(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sequence mean cross-entropy over answer tokens, shape (batch,)."""
+    lm = peft_model.get_base_model()
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    # position t predicts token t+1; score only positions whose next token is answer
+    target_mask = batch["loss_mask"][:, 1:].bool()
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    logits = lm.get_output_embeddings()(hidden[rows, cols])
+    targets = batch["input_ids"][:, 1:][rows, cols]
+    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    n = batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
+    counts = target_mask.sum(dim=1).clamp(min=1)
+    return sums / counts
+
+
+@dataclass
+class DPPlan:
+    """How one site's noise was set: for the whole federation, not one round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    total_steps: int
+
+
+def plan_dp(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: int) -> DPPlan:
+    # Opacus samples each example with probability 1 / len(loader) = 1 / ceil(N / B);
+    # calibrate with exactly that rate.
+    sample_rate = 1.0 / math.ceil(num_examples / train.batch_size)
+    total = train.local_steps * rounds
+    return DPPlan(calibrate_noise(cfg, sample_rate, total), sample_rate, total)
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    empty_steps: int
+    examples_seen: int
+    mean_loss: float
+    seconds: float
+    ledger: PrivacyLedger | None = None
+
+
+@dataclass
+class DPContext:
+    """What a private local round needs: the settings, the plan and the ledger so far."""
+
+    cfg: PrivacyConfig
+    plan: DPPlan
+    ledger: PrivacyLedger
+
+
+def train_local(
+    peft_model,
+    dataset: TokenizedDataset,
+    cfg: TrainConfig,
+    pad_id: int,
+    seed: int,
+    dp: DPContext | None = None,
+    grad_sample_module=None,
+    progress=None,
+) -> TrainStats:
+    """Run `cfg.local_steps` optimizer steps on this site's data.
+
+    With `dp`, Opacus makes the step private: Poisson-sampled batches, per-sample clipping
+    to `max_grad_norm`, Gaussian noise, and its accountant appends this round's steps to
+    the site's ledger. `grad_sample_module` is a GradSampleModule around `peft_model`
+    that the caller keeps across rounds (wrapping adds hooks; once is enough).
+    """
+    start = time.perf_counter()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_collate(pad_id), generator=gen
+    )
+    engine = None
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=dp.cfg.accountant, secure_mode=dp.cfg.secure_mode)
+        engine.accountant.history = list(dp.ledger.history)
+        noise_gen = None if dp.cfg.secure_mode else torch.Generator().manual_seed(seed + 1)
+        _, optimizer, loader = engine.make_private(
+            module=grad_sample_module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.plan.noise_multiplier,
+            max_grad_norm=dp.cfg.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_gen,
+        )
+
+    peft_model.train()
+    losses, seen, empty = [], 0, 0
+    batches = _cycle(loader)
+    for _ in range(cfg.local_steps):
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        if _is_empty(batch):
+            # Poisson sampling drew nobody. The step must still be taken (and noised)
+            # for the accounting to hold: Opacus treats empty grad samples as a noise-only step.
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            empty += 1
+        else:
+            per_seq = sequence_losses(peft_model, batch)
+            per_seq.mean().backward()
+            losses.append(per_seq.detach().mean().item())
+            seen += per_seq.shape[0]
+        optimizer.step()
+        if progress is not None:
+            progress(losses[-1] if losses else float("nan"))
+    optimizer.zero_grad(set_to_none=True)
+    ledger = PrivacyLedger(list(engine.accountant.history)) if engine is not None else None
+    if grad_sample_module is not None:
+        _clear_grad_samples(params)
+    return TrainStats(
+        steps=cfg.local_steps,
+        empty_steps=empty,
+        examples_seen=seen,
+        mean_loss=float(sum(losses) / len(losses)) if losses else math.nan,
+        seconds=time.perf_counter() - start,
+        ledger=ledger,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(peft_model, dataset: TokenizedDataset, batch_size: int, pad_id: int) -> float:
+    """Mean per-sequence answer loss over a held-out set."""
+    peft_model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=make_collate(pad_id))
+    total, n = 0.0, 0
+    for batch in loader:
+        per_seq = sequence_losses(peft_model, batch)
+        total += per_seq.sum().item()
+        n += per_seq.shape[0]
+    return total / max(n, 1)
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _is_empty(batch) -> bool:
+    if isinstance(batch, (list, tuple)):
+        return len(batch) == 0 or batch[0].shape[0] == 0
+    return batch["input_ids"].shape[0] == 0
+
+
+def _clear_grad_samples(params) -> None:
+    for p in params:
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(p, attr):
+                setattr(p, attr, None)

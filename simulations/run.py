@@ -1,0 +1,37 @@
+"""Hydra entry point: `python -m simulations.run [overrides]`, sweeps with `-m`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedslm.config import ConfigError
+from fedslm.hydra_config import register_schema, to_run_config_object
+
+register_schema()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> float | None:
+    try:
+        cfg = to_run_config_object(dcfg)
+    except ConfigError as err:
+        print(f"fedslm: {err}", file=sys.stderr)
+        sys.exit(2)
+    cfg.output_dir = HydraConfig.get().runtime.output_dir
+
+    from fedslm.demo import show_demo_answers, print_summary
+    from fedslm.simulation import simulate
+
+    summary = simulate(cfg)
+    print_summary(summary, cfg)
+    if cfg.demo_answer and cfg.export_model:
+        show_demo_answers(cfg)
+    return summary["eval_loss_final"]
+
+
+if __name__ == "__main__":
+    main()

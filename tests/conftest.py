@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random Llama (no downloads) and a matching run config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FEDSLM_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedslm import quiet  # noqa: E402
+from fedslm.config import RunConfig  # noqa: E402
+
+quiet.silence_known_noise()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture
+def tiny_cfg(model_cache, tmp_path) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.source = "tiny"
+    cfg.model.cache_dir = model_cache
+    cfg.data.train_examples = 48
+    cfg.data.eval_examples = 6
+    cfg.data.max_length = 512
+    cfg.train.local_steps = 3
+    cfg.train.batch_size = 4
+    cfg.train.threads = 0
+    cfg.train.progress = False
+    cfg.federation.rounds = 2
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.demo_answer = False
+    return cfg
+
+
+@pytest.fixture
+def flower_identity():
+    """Messages built outside a Flower process need the task identity set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

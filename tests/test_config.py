@@ -1,0 +1,129 @@
+"""Every preset in conf/ composes and validates; bad input stops early and names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
+
+from fedslm.config import ConfigError, RunConfig, from_run_config, to_run_config, validate
+from fedslm.hydra_config import register_schema, to_run_config_object
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register_schema()
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=["output_dir=/tmp/x", *overrides])
+
+
+GROUP_OPTIONS = sorted(
+    (group.name, yml.stem) for group in CONF.iterdir() if group.is_dir() for yml in group.glob("*.yaml")
+)
+
+
+def test_conf_has_all_groups():
+    assert {g for g, _ in GROUP_OPTIONS} == {"model", "data", "privacy", "strategy"}
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_preset_loads_and_validates(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("model", "local"):
+        (tmp_path / "config.json").write_text("{}")
+        overrides.append(f"model.path={tmp_path}")
+    cfg = to_run_config_object(_compose(overrides))
+    assert isinstance(cfg, RunConfig)
+
+
+def test_default_is_the_demo():
+    cfg = to_run_config_object(_compose([]))
+    assert cfg.model.source == "embedded" and cfg.model.path is None
+    assert cfg.strategy.name == "ffa" and cfg.privacy.enabled and cfg.privacy.epsilon == 8.0
+    assert cfg.privacy.delta == 1e-5
+    assert cfg.federation.sites == 3 and cfg.federation.rounds == 3
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["privacy.epsilonn=4"])
+    assert "epsilonn" in str(err.value) + str(err.value.__cause__)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["federation.rounds=three"])
+    assert "rounds" in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("privacy.epsilon=0", "privacy.epsilon"),
+        ("privacy.epsilon=-1", "privacy.epsilon"),
+        ("federation.rounds=0", "federation.rounds"),
+        ("privacy.delta=1.5", "privacy.delta"),
+        ("strategy.name=fedsgd", "strategy.name"),
+        ("model.path=/nonexistent/model", "model.path"),
+        ("lora.target_modules=[q_proj,attn]", "lora.target_modules"),
+    ],
+)
+def test_bad_value_names_key_and_allowed(override, key):
+    with pytest.raises(ConfigError) as err:
+        to_run_config_object(_compose([override]))
+    assert key in str(err.value)
+
+
+def test_bad_strategy_lists_allowed_values():
+    with pytest.raises(ConfigError, match="allowed values: ffa"):
+        to_run_config_object(_compose(["strategy.name=fedsgd"]))
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        to_run_config_object(_compose(["privacy.epsilon=0", "federation.rounds=0"]))
+    assert len(err.value.problems) == 2
+
+
+def test_missing_model_path():
+    with pytest.raises((MissingMandatoryValue, ConfigKeyError, Exception)) as err:
+        to_run_config_object(_compose(["model=local"]))
+    assert "model.path" in str(err.value) or "path" in str(err.value)
+
+
+def test_run_config_round_trip():
+    cfg = RunConfig()
+    cfg.model.path = None
+    cfg.lora.target_modules = ["q_proj", "v_proj"]
+    cfg.privacy.epsilon = 2.5
+    flat = to_run_config(cfg)
+    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
+    assert from_run_config(flat) == cfg
+    assert dataclasses.asdict(from_run_config({})) == dataclasses.asdict(RunConfig())
+
+
+def test_run_config_rejects_unknown_and_unparsable():
+    with pytest.raises(ConfigError, match="privacy.epsilom: unknown key"):
+        from_run_config({"privacy.epsilom": 3.0})
+    with pytest.raises(ConfigError, match="federation.rounds: cannot read"):
+        from_run_config({"federation.rounds": "many"})
+    with pytest.raises(ConfigError, match="privacy.epsilon"):
+        validate(from_run_config({"privacy.epsilon": -2.0}))
+
+
+def test_cli_stops_before_any_work():
+    """A bad value exits with status 2 and names the key, without loading a model."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "privacy.epsilon=0", "hydra.run.dir=/tmp/fedslm-never"],
+        capture_output=True, text=True, cwd=CONF.parent, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "privacy.epsilon" in proc.stderr and "must be a finite number > 0" in proc.stderr
+    assert "base model" not in proc.stdout

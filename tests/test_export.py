@@ -1,0 +1,43 @@
+"""The merged model is the adapted model: same logits, loadable with plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from fedslm.adapter import adapter_state, attach_lora
+from fedslm.data.tokenize import chat_prompt
+from fedslm.export import build_adapted, export_merged
+from fedslm.model import load_base_model, resolve_model_dir
+
+
+def test_merged_model_matches_base_plus_adapter(tiny_cfg, tmp_path):
+    model_dir = resolve_model_dir(tiny_cfg.model)
+    base, tok = load_base_model(model_dir)
+    pm = attach_lora(base, tiny_cfg.lora, freeze_a=True)
+    torch.manual_seed(0)
+    tensors = {k: torch.randn_like(v) * 0.05 for k, v in adapter_state(pm).items()}
+    privacy = {"level": "sample", "epsilon_per_site": {"0": 7.5}, "delta": 1e-5, "target_epsilon": 8.0,
+               "rounds": 3, "sites": 3, "accountant": "rdp", "max_grad_norm": 1.0,
+               "noise_multiplier_per_site": {"0": 0.5}}
+    prompts = ["Is this the flu?", "My ankle is swollen."]
+    info = export_merged(model_dir, tiny_cfg, tensors, tmp_path / "model", prompts, privacy)
+    print(f"merge max |logit diff| = {info['merge_max_abs_diff']:.3e}")
+    assert info["merge_max_abs_diff"] < 1e-5
+
+    # independent check: plain transformers load vs the unmerged adapter model
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    adapted, _ = build_adapted(model_dir, tiny_cfg, tensors)
+    plain, _ = load_base_model(model_dir)
+    ids = tok(chat_prompt(tok, "What helps with acne?"), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        a, m, p = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (a - m).abs().max() < 1e-5
+    assert (a - p).abs().max() > 1e-3  # the adapter really changed the model
+
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "(7.50, 1e-05)-DP" in card and "does not" in card
+    assert json.loads((tmp_path / "model" / "privacy.json").read_text())["delta"] == 1e-5
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()

@@ -1,0 +1,80 @@
+"""What a site sends back: adapter tensors and numeric metrics, nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedslm.adapter import adapter_state, attach_lora
+from fedslm.model import load_base_model, resolve_model_dir
+from fedslm.privacy import BudgetExceededError
+from fedslm.site import handle_evaluate, handle_train
+from fedslm.transport import to_record
+
+TRAIN_METRICS = {"num-examples", "site", "train_loss", "epsilon", "noise_multiplier", "sample_rate",
+                 "steps_total", "steps", "examples_seen", "train_seconds"}
+
+
+def _global(cfg):
+    model, _ = load_base_model(resolve_model_dir(cfg.model))
+    return adapter_state(attach_lora(model, cfg.lora, freeze_a=True))
+
+
+def _message(cfg, kind: str, server_round: int = 1) -> Message:
+    content = RecordDict({"arrays": to_record(_global(cfg)), "config": ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=11, message_type=kind)
+
+
+def _context(site: int = 1) -> Context:
+    return Context(run_id=7, node_id=11, node_config={"partition-id": site, "num-partitions": 3},
+                   state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("dtype,np_dtype", [("float32", np.float32), ("float16", np.float16)])
+def test_train_reply_carries_only_adapter_and_metrics(tiny_cfg, flower_identity, dtype, np_dtype):
+    tiny_cfg.federation.transport_dtype = dtype
+    expected = _global(tiny_cfg)
+    reply = handle_train(_message(tiny_cfg, "train"), _context(), tiny_cfg, progress=False)
+    content = reply.content
+    assert list(content.array_records) == ["arrays"]
+    assert list(content.metric_records) == ["metrics"]
+    assert not content.config_records  # no free-form strings, no token ids, no text
+    arrays = content.array_records["arrays"]
+    assert set(arrays) == set(expected) and all(".lora_B." in k for k in arrays)
+    for key, arr in arrays.items():
+        assert arr.numpy().dtype == np_dtype and tuple(arr.shape) == tuple(expected[key].shape)
+    metrics = content.metric_records["metrics"]
+    assert set(metrics) == TRAIN_METRICS
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics["site"] == 1 and 0 < metrics["epsilon"] <= tiny_cfg.privacy.epsilon
+    # the update is real: B moved away from the zero it was sent as
+    assert any(np.abs(a.numpy()).max() > 0 for a in arrays.values())
+
+
+def test_evaluate_reply_is_metrics_only(tiny_cfg, flower_identity):
+    reply = handle_evaluate(_message(tiny_cfg, "evaluate"), _context(), tiny_cfg)
+    assert not reply.content.array_records and not reply.content.config_records
+    assert set(reply.content.metric_records["metrics"]) == {"num-examples", "site", "eval_loss"}
+
+
+def test_epsilon_accumulates_in_node_state_and_site_refuses_past_budget(tiny_cfg, flower_identity):
+    ctx = _context(site=0)
+    eps = []
+    for r in range(1, tiny_cfg.federation.rounds + 1):
+        reply = handle_train(_message(tiny_cfg, "train", r), ctx, tiny_cfg, progress=False)
+        eps.append(reply.content.metric_records["metrics"]["epsilon"])
+    assert eps[0] < eps[1] <= tiny_cfg.privacy.epsilon
+    assert "fedslm.privacy" in ctx.state.config_records
+    with pytest.raises(BudgetExceededError, match="refuses to train"):
+        handle_train(_message(tiny_cfg, "train", 99), ctx, tiny_cfg, progress=False)
+    # a fresh node state (another site) still has its whole budget
+    handle_train(_message(tiny_cfg, "train", 1), _context(site=2), tiny_cfg, progress=False)
+
+
+def test_malformed_global_adapter_is_refused(tiny_cfg, flower_identity):
+    bad = {k: torch.zeros(2, 2) for k in _global(tiny_cfg)}
+    content = RecordDict({"arrays": to_record(bad), "config": ConfigRecord({"server-round": 1})})
+    with pytest.raises(ValueError, match="shape"):
+        handle_train(Message(content, dst_node_id=11, message_type="train"), _context(), tiny_cfg, progress=False)

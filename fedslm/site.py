@@ -110,7 +110,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
         ledger.check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
         dp, noise, rate = DPContext(cfg.privacy, plan, ledger), plan.noise_multiplier, plan.sample_rate
 
-    bar = _progress_bar(cfg, site, server_round) if progress and cfg.train.progress else None
+    bar = _StepBar(cfg, site, server_round) if progress and cfg.train.progress else None
     stats = train_local(
         rt.peft_model,
         train_ds,
@@ -155,7 +155,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-class _progress_bar:
+class _StepBar:
     """A local-steps bar. In simulation Ray forwards every refresh as a new line, so it
     refreshes at most every few seconds."""
 

@@ -50,6 +50,11 @@ def test_default_is_the_demo():
     assert cfg.federation.sites == 3 and cfg.federation.rounds == 3
 
 
+def test_tiny_preset_lengthens_sequences_for_its_byte_tokenizer():
+    assert to_run_config_object(_compose(["model=tiny"])).data.max_length == 512
+    assert to_run_config_object(_compose([])).data.max_length == 160
+
+
 def test_unknown_key_names_the_key():
     with pytest.raises(ConfigCompositionException) as err:
         _compose(["privacy.epsilonn=4"])

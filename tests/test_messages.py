@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedslm.adapter import adapter_state, attach_lora
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy import BudgetExceededError
-from fedslm.site import handle_evaluate, handle_train
+from fedslm.site import handle_evaluate, handle_train, runtime_for
 from fedslm.transport import to_record
 
 TRAIN_METRICS = {"num-examples", "site", "train_loss", "epsilon", "noise_multiplier", "sample_rate",
@@ -51,6 +51,13 @@ def test_train_reply_carries_only_adapter_and_metrics(tiny_cfg, flower_identity,
     assert metrics["site"] == 1 and 0 < metrics["epsilon"] <= tiny_cfg.privacy.epsilon
     # the update is real: B moved away from the zero it was sent as
     assert any(np.abs(a.numpy()).max() > 0 for a in arrays.values())
+
+
+def test_model_is_built_once_per_process(tiny_cfg, flower_identity):
+    first = runtime_for(tiny_cfg)
+    handle_train(_message(tiny_cfg, "train"), _context(), tiny_cfg, progress=False)
+    handle_evaluate(_message(tiny_cfg, "evaluate"), _context(site=2), tiny_cfg)
+    assert runtime_for(tiny_cfg) is first
 
 
 def test_evaluate_reply_is_metrics_only(tiny_cfg, flower_identity):

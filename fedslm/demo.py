@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedslm.config import RunConfig
-from fedslm.data.clinic import demo_question
+from fedslm.data.clinic import SYSTEM_PROMPT, demo_question
 from fedslm.generate import answer
 from fedslm.model import load_base_model, resolve_model_dir
 
@@ -26,5 +26,5 @@ def show_demo_answers(cfg: RunConfig, max_new_tokens: int = 60) -> None:
     base, tok = load_base_model(resolve_model_dir(cfg.model))
     tuned, tuned_tok = load_base_model(Path(cfg.output_dir) / "model")
     print(f"\nheld-out question: {q['prompt']}")
-    print(f"  base model:      {answer(base, tok, q['prompt'], max_new_tokens) or '(empty answer)'}")
-    print(f"  federated model: {answer(tuned, tuned_tok, q['prompt'], max_new_tokens) or '(empty answer)'}")
+    print(f"  base model:      {answer(base, tok, q['prompt'], max_new_tokens, SYSTEM_PROMPT) or '(empty answer)'}")
+    print(f"  federated model: {answer(tuned, tuned_tok, q['prompt'], max_new_tokens, SYSTEM_PROMPT) or '(empty answer)'}")

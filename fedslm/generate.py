@@ -8,8 +8,8 @@ from fedslm.data.tokenize import chat_prompt
 
 
 @torch.no_grad()
-def answer(model, tokenizer, question: str, max_new_tokens: int = 64) -> str:
-    ids = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)
+def answer(model, tokenizer, question: str, max_new_tokens: int = 64, system_prompt: str | None = None) -> str:
+    ids = tokenizer(chat_prompt(tokenizer, question, system_prompt), return_tensors="pt", add_special_tokens=False)
     model.eval()
     out = model.generate(
         **ids,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedslm import quiet
 from fedslm.config import RunConfig
+from fedslm.data.sites import format_site_table, site_table
 from fedslm.model import resolve_model_dir
 
 
@@ -35,7 +36,15 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
     echo(f"base model: {model_dir} ({time.perf_counter() - t0:.1f}s to prepare)")
 
     run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").unlink(missing_ok=True)
+
+    # the per-site table, from the same partitioning the sites will do themselves
+    table = site_table(cfg.data, cfg.federation.sites)
+    echo(f"data: {cfg.data.name} ({cfg.data.path or 'built-in synthetic clinics'}), "
+         f"partitioner {cfg.data.partitioner if cfg.data.path else 'one clinic per site'}")
+    echo(format_site_table(table))
+    (run_dir / "sites.json").write_text(json.dumps(table, indent=2))
     fed = cfg.federation
     backend = {
         "client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": 0.0},

@@ -19,11 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedslm import quiet
 from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
 from fedslm.config import RunConfig, from_run_config, validate
-from fedslm.data.clinic import site_splits
-from fedslm.data.tokenize import TokenizedDataset
+from fedslm.data.sites import SiteData, build_site_data, node_data_config
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy import PrivacyLedger
-from fedslm.train import DPContext, evaluate_loss, plan_dp, train_local
+from fedslm.train import DPContext, check_site_size, evaluate_loss, train_local
 from fedslm.transport import from_record, to_record
 
 LEDGER_KEY = "fedslm.privacy"
@@ -57,16 +56,21 @@ def runtime_for(cfg: RunConfig) -> SiteRuntime:
     return _RUNTIMES[key]
 
 
-def site_data(cfg: RunConfig, site: int, rt: SiteRuntime) -> tuple[TokenizedDataset, TokenizedDataset]:
-    """This site's tokenised train and held-out splits, built once per process."""
-    key = (site, repr(cfg.data))
+def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime) -> SiteData:
+    """This site's tokenised splits, built once per process. A SuperNode's own data
+    (node config data-path) wins over the run's data config."""
+    data_cfg, own = node_data_config(cfg.data, context.node_config)
+    site = site_id(context)
+    key = (site, repr(data_cfg), own)
     if key not in rt.datasets:
-        d = cfg.data
-        train_recs, eval_recs = site_splits(site, d.train_examples, d.eval_examples, d.seed)
-        rt.datasets[key] = (
-            TokenizedDataset(rt.tokenizer, train_recs, d.max_length),
-            TokenizedDataset(rt.tokenizer, eval_recs, d.max_length),
+        data = build_site_data(data_cfg, site, cfg.federation.sites, rt.tokenizer, own)
+        print(
+            f"site {site}: {len(data.train)} train / {len(data.eval)} held-out examples"
+            f"{' (its own data)' if own else ''}, {data.train.truncated + data.eval.truncated} truncated "
+            f"to {data_cfg.max_length} tokens, {data.train.dropped + data.eval.dropped} dropped (nothing left to learn)",
+            flush=True,
         )
+        rt.datasets[key] = data
     return rt.datasets[key]
 
 
@@ -98,14 +102,15 @@ def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
 def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool = True) -> Message:
     rt = runtime_for(cfg)
     site = site_id(context)
-    train_ds, eval_ds = site_data(cfg, site, rt)
+    data = site_data(cfg, context, rt)
+    train_ds = data.train
     load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
     server_round = int(msg.content["config"]["server-round"])
 
     dp, epsilon, noise, rate = None, 0.0, 0.0, 0.0
     if cfg.privacy.enabled:
         ledger = _load_ledger(context)
-        plan = plan_dp(cfg.privacy, cfg.train, len(train_ds), cfg.federation.rounds)
+        plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), cfg.federation.rounds, site)
         # refuse before spending anything (raises BudgetExceededError with the numbers)
         ledger.check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
         dp, noise, rate = DPContext(cfg.privacy, plan, ledger), plan.noise_multiplier, plan.sample_rate
@@ -136,6 +141,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
             "noise_multiplier": noise,
             "sample_rate": rate,
             "steps_total": stats.ledger.steps if stats.ledger else stats.steps,
+            "truncated": train_ds.truncated,
             "steps": stats.steps,
             "examples_seen": stats.examples_seen,
             "train_seconds": stats.seconds,
@@ -148,7 +154,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     rt = runtime_for(cfg)
     site = site_id(context)
-    _, eval_ds = site_data(cfg, site, rt)
+    eval_ds = site_data(cfg, context, rt).eval
     load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
     loss = evaluate_loss(rt.peft_model, eval_ds, cfg.train.eval_batch_size, rt.tokenizer.pad_token_id)
     metrics = MetricRecord({"num-examples": len(eval_ds), "site": site, "eval_loss": loss})

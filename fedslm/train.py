@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedslm.config import PrivacyConfig, TrainConfig
+from fedslm.data.errors import DataError
 from fedslm.data.tokenize import TokenizedDataset, make_collate
 from fedslm.privacy import PrivacyLedger, calibrate_noise
 
@@ -54,6 +55,37 @@ def plan_dp(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: i
     sample_rate = 1.0 / math.ceil(num_examples / train.batch_size)
     total = train.local_steps * rounds
     return DPPlan(calibrate_noise(cfg, sample_rate, total), sample_rate, total)
+
+
+def _noise_for(cfg: PrivacyConfig, train: TrainConfig, n: int, rounds: int) -> float:
+    try:
+        return plan_dp(cfg, train, n, rounds).noise_multiplier
+    except ValueError:  # Opacus gives up when no noise level reaches the target
+        return math.inf
+
+
+def check_site_size(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: int, site: int) -> DPPlan:
+    """The DP plan for this site, or a DataError saying how many examples it needs."""
+    if num_examples < train.batch_size:
+        raise DataError(
+            f"site {site} has {num_examples} training examples, fewer than train.batch_size={train.batch_size}; "
+            "give it more data or lower train.batch_size"
+        )
+    sigma = _noise_for(cfg, train, num_examples, rounds)
+    if sigma <= cfg.max_noise_multiplier:
+        return plan_dp(cfg, train, num_examples, rounds)
+    low, high = num_examples, num_examples * 2
+    while _noise_for(cfg, train, high, rounds) > cfg.max_noise_multiplier and high < 10**8:
+        low, high = high, high * 2
+    while high - low > max(1, low // 50):
+        mid = (low + high) // 2
+        low, high = (low, mid) if _noise_for(cfg, train, mid, rounds) <= cfg.max_noise_multiplier else (mid, high)
+    raise DataError(
+        f"site {site} has {num_examples} training examples: too few for epsilon {cfg.epsilon} over "
+        f"{train.local_steps * rounds} DP steps of batch {train.batch_size} (noise multiplier "
+        f"{sigma:.1f} > privacy.max_noise_multiplier={cfg.max_noise_multiplier}); it needs about {high} "
+        "examples, or a larger privacy.epsilon, fewer train.local_steps/rounds, or a smaller train.batch_size"
+    )
 
 
 @dataclass

@@ -23,12 +23,17 @@ def main(dcfg: DictConfig) -> float | None:
         sys.exit(2)
     cfg.output_dir = HydraConfig.get().runtime.output_dir
 
-    from fedslm.demo import show_demo_answers, print_summary
+    from fedslm.data.errors import DataError
+    from fedslm.demo import print_summary, show_demo_answers
     from fedslm.simulation import simulate
 
-    summary = simulate(cfg)
+    try:
+        summary = simulate(cfg)
+    except DataError as err:
+        print(f"fedslm: data problem: {err}", file=sys.stderr)
+        sys.exit(2)
     print_summary(summary, cfg)
-    if cfg.demo_answer and cfg.export_model:
+    if cfg.demo_answer and cfg.export_model and cfg.data.path is None:
         show_demo_answers(cfg)
     return summary["eval_loss_final"]
 

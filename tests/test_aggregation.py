@@ -39,7 +39,7 @@ def strategy_and_sites(tiny_cfg, tmp_path, flower_identity):
     sites = []
     for site, n in enumerate([12, 30, 20]):
         load_adapter_state(pm, global_b)
-        ds = TokenizedDataset(tok, generate_site(site, n, seed=2), 1024)
+        ds = TokenizedDataset.from_records(tok, generate_site(site, n, seed=2), 1024)
         train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=site)
         sites.append((adapter_state(pm), len(ds)))
     recorder = RunRecorder(tmp_path, rounds=1, meta={}, echo=lambda *_: None)

@@ -54,14 +54,14 @@ def test_loss_mask_covers_exactly_the_answer_and_eos(tok):
 def test_truncation_is_counted_and_empty_answers_dropped(tok):
     recs = [{"prompt": "x" * 50, "answer": "y" * 50}, {"prompt": "x" * 500, "answer": "y"}]
     prompt_len = encode(tok, recs[0], 10_000).loss_mask.count(0)
-    ds = TokenizedDataset(tok, recs, max_length=prompt_len + 10)
+    ds = TokenizedDataset.from_records(tok, recs, max_length=prompt_len + 10)
     assert ds.truncated == 2 and ds.dropped == 1 and len(ds) == 1
     ids, mask = ds[0]
     assert len(ids) == prompt_len + 10 and mask.sum() == 10
 
 
 def test_collate_pads_and_masks(tok):
-    ds = TokenizedDataset(tok, generate_site(0, 3, 0), max_length=1024)
+    ds = TokenizedDataset.from_records(tok, generate_site(0, 3, 0), max_length=1024)
     batch = make_collate(tok.pad_token_id)([ds[0], ds[1], ds[2]])
     lengths = batch["attention_mask"].sum(1)
     assert batch["input_ids"].shape[1] == lengths.max()

@@ -25,7 +25,7 @@ def tiny(tiny_cfg):
 
 
 def _dataset(tok, n, max_length=1024, site=0):
-    return TokenizedDataset(tok, generate_site(site, n, seed=5), max_length)
+    return TokenizedDataset.from_records(tok, generate_site(site, n, seed=5), max_length)
 
 
 def test_per_sample_gradients_match_one_by_one_autograd(tiny, tiny_cfg):

@@ -14,7 +14,7 @@ from fedslm.site import handle_evaluate, handle_train, runtime_for
 from fedslm.transport import to_record
 
 TRAIN_METRICS = {"num-examples", "site", "train_loss", "epsilon", "noise_multiplier", "sample_rate",
-                 "steps_total", "steps", "examples_seen", "train_seconds"}
+                 "steps_total", "steps", "examples_seen", "train_seconds", "truncated"}
 
 
 def _global(cfg):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-SYSTEM_PROMPT = "You are a clinic assistant. Answer the patient's question."
+SYSTEM_PROMPT = "You are a clinic assistant. Answer the patient's question."  # used in training and the demo
 
 
 @dataclass(frozen=True)

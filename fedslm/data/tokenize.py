@@ -1,22 +1,23 @@
-"""Chat formatting and the answer-only loss mask.
+"""Chat formatting and the loss mask.
 
-Each record becomes `prompt_ids + answer_ids + eos`, where the prompt is the model's chat
-template up to the assistant turn. Only answer tokens (and the closing eos, so the model
-learns to stop) count in the loss: the mask is 1 exactly there.
+An instruction example becomes `prompt_ids + answer_ids + eos`, where the prompt is the
+model's chat template up to the assistant turn; the mask is 1 exactly on the answer and
+its closing eos (so the model learns to stop). Chat examples mask every assistant turn;
+plain text is all target. Tokenisation runs through `datasets.map`, so it is cached on
+disk for file-backed data and repeated runs skip it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import datasets
 import torch
 from torch.utils.data import Dataset
 
-from fedslm.data.clinic import SYSTEM_PROMPT
-
-
-def chat_prompt(tokenizer, question: str) -> str:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def chat_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -27,33 +28,109 @@ class Encoded:
     truncated: bool
 
 
-def encode(tokenizer, record: dict, max_length: int) -> Encoded:
-    prompt = tokenizer(chat_prompt(tokenizer, record["prompt"]), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(record["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt + answer
-    mask = [0] * len(prompt) + [1] * len(answer)
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _finish(ids: list[int], mask: list[int], max_length: int) -> Encoded:
     truncated = len(ids) > max_length
-    if truncated:
-        ids, mask = ids[:max_length], mask[:max_length]
-    return Encoded(ids, mask, truncated)
+    return Encoded(ids[:max_length], mask[:max_length], truncated)
+
+
+def encode(tokenizer, example: dict, max_length: int, system_prompt: str | None = None) -> Encoded:
+    """One example ({prompt, answer} | {messages} | {text}) as ids and loss mask."""
+    eos = [tokenizer.eos_token_id]
+    if "text" in example:
+        ids = _ids(tokenizer, example["text"]) + eos
+        return _finish(ids, [1] * len(ids), max_length)
+    if "messages" in example:
+        return _encode_chat(tokenizer, example["messages"], max_length)
+    prompt = _ids(tokenizer, chat_prompt(tokenizer, example["prompt"], system_prompt))
+    answer = _ids(tokenizer, example["answer"]) + eos
+    return _finish(prompt + answer, [0] * len(prompt) + [1] * len(answer), max_length)
+
+
+def _encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
+    """Loss on each assistant turn. The template is rendered turn by turn; each new piece
+    of template text before an assistant turn is prompt, the turn's content + eos is answer."""
+    ids: list[int] = []
+    mask: list[int] = []
+    consumed = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        if not prefix.startswith(consumed):
+            raise ValueError("the chat template does not render conversations incrementally; use shape=instruction")
+        piece = _ids(tokenizer, prefix[len(consumed):])
+        answer = _ids(tokenizer, message["content"]) + [tokenizer.eos_token_id]
+        ids += piece + answer
+        mask += [0] * len(piece) + [1] * len(answer)
+        consumed = prefix + message["content"] + tokenizer.eos_token
+    return _finish(ids, mask, max_length)
+
+
+def tokenize_table(tokenizer, examples: datasets.Dataset, max_length: int, system_prompt: str | None,
+                   packing: bool = False) -> "TokenizedDataset":
+    """Tokenise a table of examples (columns prompt/answer, messages or text)."""
+
+    def fn(row: dict) -> dict:
+        enc = encode(tokenizer, {k: v for k, v in row.items() if v is not None}, max_length, system_prompt)
+        return {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask, "truncated": enc.truncated}
+
+    mapped = examples.map(fn, remove_columns=examples.column_names, desc="tokenising")
+    truncated = int(sum(mapped["truncated"]))
+    kept = mapped.filter(lambda m: sum(m) > 0, input_columns="loss_mask")
+    dropped = len(mapped) - len(kept)
+    kept = kept.remove_columns("truncated")
+    if packing:
+        kept = pack(kept, max_length)
+    return TokenizedDataset(kept, truncated=truncated, dropped=dropped)
+
+
+def pack(table: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Concatenate whole documents into blocks of at most max_length tokens.
+
+    A document is never split across blocks: with sample-level DP a block is one sample,
+    so a record must influence exactly one sample for the per-record guarantee to hold."""
+    blocks_ids, blocks_mask, cur_ids, cur_mask = [], [], [], []
+    for ids, mask in zip(table["input_ids"], table["loss_mask"]):
+        if cur_ids and len(cur_ids) + len(ids) > max_length:
+            blocks_ids.append(cur_ids)
+            blocks_mask.append(cur_mask)
+            cur_ids, cur_mask = [], []
+        cur_ids = cur_ids + ids
+        cur_mask = cur_mask + mask
+    if cur_ids:
+        blocks_ids.append(cur_ids)
+        blocks_mask.append(cur_mask)
+    return datasets.Dataset.from_dict({"input_ids": blocks_ids, "loss_mask": blocks_mask})
 
 
 class TokenizedDataset(Dataset):
-    """Pre-tokenised records; examples whose answer is cut away entirely are dropped."""
+    """Token ids and loss masks of one split, backed by an Arrow table."""
 
-    def __init__(self, tokenizer, records: list[dict], max_length: int):
-        encoded = [encode(tokenizer, r, max_length) for r in records]
-        self.examples = [e for e in encoded if sum(e.loss_mask) > 0]
-        self.truncated = sum(e.truncated for e in encoded)
-        self.dropped = len(encoded) - len(self.examples)
+    def __init__(self, table: datasets.Dataset, truncated: int = 0, dropped: int = 0):
+        self.table = table
+        self.truncated = truncated
+        self.dropped = dropped
+
+    @classmethod
+    def from_records(cls, tokenizer, records: list[dict], max_length: int,
+                     system_prompt: str | None = None) -> "TokenizedDataset":
+        table = datasets.Dataset.from_list(records) if records else datasets.Dataset.from_dict({"text": []})
+        return tokenize_table(tokenizer, table, max_length, system_prompt)
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.table)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # tensors, not a dataclass: Opacus's Poisson loader inspects item shapes
-        e = self.examples[i]
-        return torch.tensor(e.input_ids), torch.tensor(e.loss_mask)
+        # tensors, not a dict: Opacus's Poisson loader inspects item shapes
+        row = self.table[int(i)]
+        return torch.tensor(row["input_ids"]), torch.tensor(row["loss_mask"])
+
+    def num_tokens(self) -> int:
+        return sum(len(x) for x in self.table["input_ids"])
 
 
 def make_collate(pad_id: int):

@@ -1,0 +1,176 @@
+"""Each site's train and held-out splits.
+
+Simulation: one table is split into sites with a flwr-datasets partitioner (IID,
+Dirichlet over a label, natural by a column, or a seeded sample of the natural sites).
+Deployment: a SuperNode's own file, named in its node config, is the whole site; the
+server never sees the path or the rows, only the counts a site reports.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import datasets
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+from fedslm.config import DataConfig
+from fedslm.data import clinic
+from fedslm.data.errors import DataError
+from fedslm.data.records import check_columns, check_labels, load_label_set, to_example
+from fedslm.data.sources import load_table
+from fedslm.data.tokenize import TokenizedDataset, tokenize_table
+
+# SuperNode --node-config keys a site sets for its own data (never sent to the server)
+NODE_DATA_KEYS = {"data-path": "path", "data-format": "format", "data-eval-path": "eval_path"}
+
+
+@dataclass
+class SiteRows:
+    """One site's raw rows before tokenisation, and what the per-site table shows."""
+
+    site: int
+    natural_id: str | None
+    train: datasets.Dataset
+    eval: datasets.Dataset
+
+
+@dataclass
+class SiteData:
+    site: int
+    natural_id: str | None
+    train: TokenizedDataset
+    eval: TokenizedDataset
+
+
+def node_data_config(cfg: DataConfig, node_config: dict) -> tuple[DataConfig, bool]:
+    """The data config a site uses: its node config's data-* keys win over the run's.
+    Returns (config, whether the site brought its own data)."""
+    own = {field: node_config[key] for key, field in NODE_DATA_KEYS.items() if key in node_config}
+    if not own:
+        return cfg, False
+    if "path" not in own:
+        raise DataError("node config sets data options but no data-path; add --node-config 'data-path=\"/your/file.jsonl\"'")
+    own = {k: (str(v) or None) for k, v in own.items()}
+    return replace(cfg, **own), True
+
+
+@lru_cache(maxsize=8)
+def _table(path: str | None, fmt: str | None) -> datasets.Dataset:
+    return load_table(path, fmt)
+
+
+def partition(table: datasets.Dataset, cfg: DataConfig, num_sites: int, site: int) -> tuple[datasets.Dataset, str | None]:
+    """This site's rows of a shared table, and its natural id when there is one."""
+    if not 0 <= site < num_sites:
+        raise DataError(f"site {site} is outside 0..{num_sites - 1}")
+    if cfg.partition_by and cfg.partition_by not in table.column_names:
+        raise DataError(f"data.partition_by={cfg.partition_by!r} is not a column; the data has {', '.join(table.column_names)}")
+    if cfg.partitioner == "iid":
+        # flwr-datasets' IID partitioner cuts contiguous shards; shuffle first so that a
+        # file sorted by label still gives each site the same mix
+        p = IidPartitioner(num_partitions=num_sites)
+        p.dataset = table.shuffle(seed=cfg.seed)
+        return p.load_partition(site), None
+    if cfg.partitioner == "dirichlet":
+        p = DirichletPartitioner(num_partitions=num_sites, partition_by=cfg.partition_by, alpha=cfg.alpha,
+                                 seed=cfg.seed, min_partition_size=0)
+        p.dataset = table
+        return p.load_partition(site), None
+    p = NaturalIdPartitioner(partition_by=cfg.partition_by)
+    p.dataset = table
+    n_natural = p.num_partitions
+    if cfg.partitioner == "natural":
+        if n_natural != num_sites:
+            raise DataError(
+                f"data.partitioner=natural gives one site per value of {cfg.partition_by!r}: {n_natural} sites, "
+                f"but federation.sites={num_sites}; set federation.sites={n_natural}, or "
+                f"data.partitioner=natural_sample to draw {num_sites} of them"
+            )
+        index = site
+    else:
+        if num_sites > n_natural:
+            raise DataError(f"data.partitioner=natural_sample: federation.sites={num_sites} > {n_natural} values of {cfg.partition_by!r}")
+        index = natural_sample(n_natural, num_sites, cfg.seed)[site]
+    return p.load_partition(index), str(p.partition_id_to_natural_id[index])
+
+
+def natural_sample(n_natural: int, num_sites: int, seed: int) -> list[int]:
+    return sorted(random.Random(f"natural_sample|{seed}").sample(range(n_natural), num_sites))
+
+
+def site_rows(cfg: DataConfig, site: int, num_sites: int, own_data: bool = False) -> SiteRows:
+    """Raw train/eval rows of one site (before tokenisation)."""
+    if cfg.path is None and cfg.format is None:
+        train, held = clinic.site_splits(site, cfg.train_examples, cfg.eval_examples, cfg.seed)
+        return SiteRows(site, clinic.site_profile(site).name, datasets.Dataset.from_list(train), datasets.Dataset.from_list(held))
+    where = "site data" if own_data else f"data.path ({cfg.path})"
+    table = _table(cfg.path, cfg.format)
+    check_columns(table, cfg, where)
+    if own_data:
+        rows, natural = table, None
+    else:
+        rows, natural = partition(table, cfg, num_sites, site)
+    if cfg.eval_path:
+        eval_table = _table(cfg.eval_path, cfg.format)
+        check_columns(eval_table, cfg, f"data.eval_path ({cfg.eval_path})")
+        if own_data:
+            held = eval_table
+        elif natural is not None:
+            held = eval_table.filter(lambda v: str(v) == natural, input_columns=cfg.partition_by)
+        else:
+            held, _ = partition(eval_table, cfg, num_sites, site)
+        train = rows
+    else:
+        if len(rows) < 2:
+            raise DataError(f"site {site} has {len(rows)} example(s): too few to hold out an eval split; it needs at least 2")
+        split = rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+        train, held = split["train"], split["test"]
+    if cfg.max_examples and len(train) > cfg.max_examples:
+        train = train.shuffle(seed=cfg.seed).select(range(cfg.max_examples))
+    if len(train) == 0:
+        raise DataError(f"site {site} has no training examples after partitioning; use fewer sites or another partitioner")
+    return SiteRows(site, natural, train, held)
+
+
+def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_data: bool = False) -> SiteData:
+    rows = site_rows(cfg, site, num_sites, own_data)
+    labels = load_label_set(cfg)
+    for name, split in (("train", rows.train), ("eval", rows.eval)):
+        check_labels(split, cfg, labels, f"site {site} {name} split")
+    system_prompt = cfg.system_prompt or (clinic.SYSTEM_PROMPT if cfg.path is None and cfg.format is None else None)
+
+    def tokenized(split: datasets.Dataset) -> TokenizedDataset:
+        examples = split.map(lambda r: to_example(r, cfg, labels), remove_columns=split.column_names, desc="formatting")
+        return tokenize_table(tokenizer, examples, cfg.max_length, system_prompt, packing=cfg.packing)
+
+    return SiteData(site, rows.natural_id, tokenized(rows.train), tokenized(rows.eval))
+
+
+def site_table(cfg: DataConfig, num_sites: int) -> list[dict]:
+    """Per-site sizes and label mix, for the table printed at the start of a simulation."""
+    label_col = cfg.partition_by or (cfg.label_column if cfg.shape == "classification" else None)
+    if cfg.path is None and cfg.format is None:
+        label_col = "topic"
+    rows_out = []
+    for site in range(num_sites):
+        rows = site_rows(cfg, site, num_sites)
+        mix = ""
+        if label_col and label_col in rows.train.column_names:
+            counts = Counter(str(v) for v in rows.train[label_col])
+            total = sum(counts.values())
+            mix = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in counts.most_common(3))
+            if len(counts) > 3:
+                mix += f" (+{len(counts) - 3} more)"
+        rows_out.append({"site": site, "natural_id": rows.natural_id, "train": len(rows.train),
+                         "eval": len(rows.eval), "label_mix": mix})
+    return rows_out
+
+
+def format_site_table(rows: list[dict]) -> str:
+    lines = [f"{'site':>4}  {'name':<32} {'train':>7} {'eval':>6}  label mix (top 3)"]
+    for r in rows:
+        lines.append(f"{r['site']:>4}  {str(r['natural_id'] or '-')[:32]:<32} {r['train']:>7} {r['eval']:>6}  {r['label_mix']}")
+    return "\n".join(lines)

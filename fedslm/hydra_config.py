@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fedslm.config import RunConfig, validate
 
 SCHEMA_NAME = "fedslm_schema"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _from_repo(relative: str) -> str:
+    """`${repo:../shared/data/x}`: a path relative to the repository, not to the cwd."""
+    return str((REPO_ROOT / relative).resolve())
 
 
 def register_schema() -> None:
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", _from_repo)
     # conf/config.yaml lists this schema first in its defaults, so every preset and
     # override is merged into typed fields: unknown keys and wrong types fail at once.
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)

@@ -8,6 +8,8 @@ server never sees the path or the rows, only the counts a site reports.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -64,6 +66,13 @@ def _table(path: str | None, fmt: str | None) -> datasets.Dataset:
 
 def partition(table: datasets.Dataset, cfg: DataConfig, num_sites: int, site: int) -> tuple[datasets.Dataset, str | None]:
     """This site's rows of a shared table, and its natural id when there is one."""
+    # flwr-datasets draws a tqdm bar (on stderr) for every index it builds: one noise
+    # line per site; exceptions still propagate
+    with contextlib.redirect_stderr(io.StringIO()):
+        return _partition(table, cfg, num_sites, site)
+
+
+def _partition(table: datasets.Dataset, cfg: DataConfig, num_sites: int, site: int) -> tuple[datasets.Dataset, str | None]:
     if not 0 <= site < num_sites:
         raise DataError(f"site {site} is outside 0..{num_sites - 1}")
     if cfg.partition_by and cfg.partition_by not in table.column_names:
@@ -151,9 +160,7 @@ def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_d
 
 def site_table(cfg: DataConfig, num_sites: int) -> list[dict]:
     """Per-site sizes and label mix, for the table printed at the start of a simulation."""
-    label_col = cfg.partition_by or (cfg.label_column if cfg.shape == "classification" else None)
-    if cfg.path is None and cfg.format is None:
-        label_col = "topic"
+    label_col = "topic" if cfg.path is None and cfg.format is None else cfg.label_column
     rows_out = []
     for site in range(num_sites):
         rows = site_rows(cfg, site, num_sites)

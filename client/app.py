@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import sys
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedslm.config import RunConfig
-from fedslm.site import config_for, handle_evaluate, handle_train
+from fedslm.adapter import AdapterMismatchError
+from fedslm.config import ConfigError, RunConfig
+from fedslm.data.errors import DataError
+from fedslm.privacy import BudgetExceededError
+from fedslm.site import config_for, handle_evaluate, handle_train, site_label
+
+# Problems a site can explain in one sentence: they go back to the server as an error
+# reply with that sentence (the server logs which site failed and why) instead of a
+# traceback. Anything else is a bug and keeps Flower's full traceback.
+SITE_ERRORS = (DataError, BudgetExceededError, AdapterMismatchError, ConfigError)
+SITE_ERROR_CODE = 1000
+
+
+def _refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SITE_ERRORS as err:
+            reason = f"{type(err).__name__}: {err}"
+            print(f"{site_label(context)} refused {msg.metadata.message_type}: {reason}", file=sys.stderr, flush=True)
+            return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
+
+    return run
 
 
 def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @_refusing
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, config_for(context, cfg))
 
     @app.evaluate()
+    @_refusing
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, config_for(context, cfg))
 

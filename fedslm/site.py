@@ -85,6 +85,13 @@ def site_id(context: Context) -> int:
     )
 
 
+def site_label(context: Context) -> str:
+    try:
+        return f"site {site_id(context)}"
+    except KeyError:
+        return f"node {context.node_id}"
+
+
 def config_for(context: Context, cfg: RunConfig | None) -> RunConfig:
     return cfg if cfg is not None else validate(from_run_config(context.run_config))
 

@@ -53,3 +53,62 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg):
 
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.eos_token_id == model.config.pad_token_id
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _file_cfg(cfg, path: Path, sites: int):
+    cfg.data.path = str(path)
+    cfg.data.prompt_columns = ["question"]
+    cfg.data.partitioner = "natural"
+    cfg.data.partition_by = "source"
+    cfg.data.eval_fraction = 0.2
+    cfg.federation.sites = sites
+    cfg.federation.rounds = 2
+    cfg.federation.ray_cpus = 2
+    cfg.train.threads = 1
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_bad_site_fails_alone(tiny_cfg, tmp_path, capsys):
+    """Site C has 3 rows, fewer than the DP batch: it is refused with its reason, and the
+    federation goes on with the other two (min_sites=2)."""
+    rows = [{"question": f"q{i}?", "answer": f"a{i}.", "source": s} for s, n in (("A", 30), ("B", 30), ("C", 3))
+            for i in range(n)]
+    cfg = _file_cfg(tiny_cfg, _jsonl(tmp_path / "sites.jsonl", rows), sites=3)
+    cfg.federation.min_sites = 2
+    summary = simulate(cfg, echo=lambda *_: None)
+    assert summary["rounds"] == 2
+    rejected = [r for per_round in summary["rejected"].values() for r in per_round]
+    assert len(rejected) == 2 and all("site 2" in r and "fewer than train.batch_size=4" in r for r in rejected)
+    assert "rejected site 2: site error: DataError: site 2 has 2 training examples" in capsys.readouterr().out
+    rows_out = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows_out if r["train_loss"] is not None} == {0, 1}
+    table = json.loads((Path(cfg.output_dir) / "sites.json").read_text())
+    assert [r["natural_id"] for r in table] == ["A", "B", "C"]
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "medquad" / "medquad.jsonl").exists(), reason="../shared/data not present")
+def test_real_medquad_slice_natural_partition(tiny_cfg, tmp_path):
+    wanted = {"CDC": 0, "NHLBI": 0, "NINDS": 0}
+    rows = []
+    with (SHARED / "medquad" / "medquad.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["source"] in wanted and wanted[row["source"]] < 25:
+                wanted[row["source"]] += 1
+                rows.append(row)
+    cfg = _file_cfg(tiny_cfg, _jsonl(tmp_path / "slice.jsonl", rows), sites=3)
+    summary = simulate(cfg, echo=lambda *_: None)
+    assert summary["rounds"] == 2 and summary["sites"] == 3 and not summary["rejected"]
+    table = json.loads((Path(cfg.output_dir) / "sites.json").read_text())
+    assert sorted(r["natural_id"] for r in table) == ["CDC", "NHLBI", "NINDS"]
+    assert all(r["train"] == 20 and r["eval"] == 5 for r in table)

@@ -83,6 +83,8 @@ def _from_builder(builder: str, path: str | None) -> datasets.Dataset:
 
 
 def _explain_read_error(path: Path, fmt: str, err: Exception) -> str:
+    if "corresponds to no data" in str(err) or path.stat().st_size == 0:
+        return f"{path} has no rows; a site needs at least one training example"
     if fmt == "jsonl" or (fmt == "json" and path.read_bytes()[:64].lstrip().startswith(b"{")):
         bad = first_bad_json_line(path)
         if bad is not None:

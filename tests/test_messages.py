@@ -85,3 +85,22 @@ def test_malformed_global_adapter_is_refused(tiny_cfg, flower_identity):
     content = RecordDict({"arrays": to_record(bad), "config": ConfigRecord({"server-round": 1})})
     with pytest.raises(ValueError, match="shape"):
         handle_train(Message(content, dst_node_id=11, message_type="train"), _context(), tiny_cfg, progress=False)
+
+
+def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp_path):
+    """In deployment the path comes from the SuperNode; the server's config has none and
+    the reply carries counts only."""
+    import json
+
+    rows = [{"question": f"Is {i} a number?", "reply": f"Yes, {i} is."} for i in range(40)]
+    path = tmp_path / "site_own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny_cfg.data.prompt_columns = ["question"]
+    tiny_cfg.data.answer_column = "reply"
+    ctx = Context(run_id=7, node_id=11, node_config={"site-id": 5, "data-path": str(path)},
+                  state=RecordDict(), run_config={})
+    reply = handle_train(_message(tiny_cfg, "train"), ctx, tiny_cfg, progress=False)
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["site"] == 5 and metrics["num-examples"] == 36  # 40 rows, 10% held out
+    flat = repr(reply.content)
+    assert str(path) not in flat and "Is 3 a number" not in flat

@@ -85,7 +85,8 @@ class DataConfig:
     eval_fraction: float = 0.1
     # a separate held-out file, partitioned like the training data; None = eval_fraction
     eval_path: Optional[str] = None
-    # cap on training examples per site after partitioning (0 = all), for quick runs
+    # cap on training examples per site after partitioning (0 = all), for quick runs; the
+    # held-out split is capped in proportion (max_examples * eval_fraction / (1 - eval_fraction))
     max_examples: int = 0
     # How one data set becomes sites (simulation): iid, dirichlet (over partition_by with
     # alpha), natural (one site per value of partition_by), natural_sample (federation.sites

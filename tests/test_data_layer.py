@@ -175,6 +175,12 @@ def test_dirichlet_partition_covers_the_data_and_skews_labels(tmp_path):
     assert again.train["text"] == sites[2].train["text"]
 
 
+def test_max_examples_caps_train_and_eval_in_proportion(files):
+    cfg = _cfg(files / "qa.jsonl", max_examples=9, eval_fraction=0.25)
+    rows = site_rows(cfg, 0, 1)
+    assert len(rows.train) == 9 and len(rows.eval) == 3
+
+
 def test_site_table_reports_sizes_and_mix(files):
     cfg = _cfg(files / "qa.jsonl", partitioner="natural", partition_by="source")
     table = site_table(cfg, 3)

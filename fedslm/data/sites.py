@@ -137,8 +137,13 @@ def site_rows(cfg: DataConfig, site: int, num_sites: int, own_data: bool = False
             raise DataError(f"site {site} has {len(rows)} example(s): too few to hold out an eval split; it needs at least 2")
         split = rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         train, held = split["train"], split["test"]
-    if cfg.max_examples and len(train) > cfg.max_examples:
-        train = train.shuffle(seed=cfg.seed).select(range(cfg.max_examples))
+    if cfg.max_examples:
+        # a quick run caps the held-out split in proportion, so evaluation stays quick too
+        eval_cap = max(1, round(cfg.max_examples * cfg.eval_fraction / (1 - cfg.eval_fraction)))
+        if len(train) > cfg.max_examples:
+            train = train.shuffle(seed=cfg.seed).select(range(cfg.max_examples))
+        if len(held) > eval_cap:
+            held = held.shuffle(seed=cfg.seed).select(range(eval_cap))
     if len(train) == 0:
         raise DataError(f"site {site} has no training examples after partitioning; use fewer sites or another partitioner")
     return SiteRows(site, natural, train, held)

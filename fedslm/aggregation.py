@@ -74,6 +74,9 @@ class FFALoRA(FedAvg):
         self.recorder = recorder
         self.expected = expected_shapes
         self.transport_dtype = transport_dtype
+        # nodes that refused to train because their privacy budget is spent: they are not
+        # asked again (they still evaluate, which spends no training privacy)
+        self.exhausted: set[int] = set()
 
     def _downlink(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord({k: Array(a.numpy().astype(self.transport_dtype)) for k, a in arrays.items()})
@@ -81,7 +84,10 @@ class FFALoRA(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.recorder.round_started(server_round)
         down = self._downlink(arrays)
-        messages = list(super().configure_train(server_round, down, config, grid))
+        messages = [m for m in super().configure_train(server_round, down, config, grid)
+                    if m.metadata.dst_node_id not in self.exhausted]
+        if self.exhausted:
+            self.recorder.note(server_round, f"{len(self.exhausted)} site(s) with a spent privacy budget not asked to train")
         self.recorder.add_bytes_down(server_round, record_bytes(down) * len(messages))
         return messages
 
@@ -90,6 +96,8 @@ class FFALoRA(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
+                if msg.error.reason.startswith("BudgetExceededError"):
+                    self.exhausted.add(node)
                 self.recorder.rejected(server_round, node, f"site error: {msg.error.reason}")
                 continue
             problem = reply_problem(msg.content, self.expected)

@@ -67,6 +67,10 @@ def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tens
     return {"merge_max_abs_diff": diff, "model_dir": str(out_dir)}
 
 
+def _rounded(per_site: dict) -> str:
+    return ", ".join(f"site {k} {v:.2f}" for k, v in per_site.items())
+
+
 def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> str:
     if privacy.get("level") == "sample":
         eps = max(privacy["epsilon_per_site"].values(), default=0.0)
@@ -77,6 +81,11 @@ def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> 
             f"Per-example gradients were clipped to norm {privacy['max_grad_norm']} and Gaussian noise "
             f"was added (noise multiplier per site: {privacy['noise_multiplier_per_site']})."
         )
+        if privacy.get("epsilon_prv_per_site"):
+            guarantee += (
+                f" For comparison, epsilon per site by the RDP accountant: {_rounded(privacy['epsilon_rdp_per_site'])}; "
+                f"by the PRV accountant: {_rounded(privacy['epsilon_prv_per_site'])}."
+            )
         scope = (
             "This protects each single training record (one question and answer) of each site: "
             "the model is almost as likely to have come out without any one record. It does not "

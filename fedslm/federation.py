@@ -21,6 +21,7 @@ from fedslm.config import RunConfig, to_run_config
 from fedslm.data.clinic import demo_question
 from fedslm.export import export_merged
 from fedslm.model import load_base_model, resolve_model_dir
+from fedslm.privacy import expected_rounds
 from fedslm.reporting import RunRecorder
 from fedslm.transport import from_record, to_record
 
@@ -103,10 +104,13 @@ def privacy_report(cfg: RunConfig, recorder: RunRecorder) -> dict:
         "delta": cfg.privacy.delta,
         "max_grad_norm": cfg.privacy.max_grad_norm,
         "epsilon_per_site": {str(s): m["epsilon"] for s, m in sorted(last.items())},
+        "epsilon_rdp_per_site": {str(s): m["epsilon_rdp"] for s, m in sorted(last.items())},
+        "epsilon_prv_per_site": {str(s): m["epsilon_prv"] for s, m in sorted(last.items())},
         "noise_multiplier_per_site": {str(s): round(m["noise_multiplier"], 4) for s, m in sorted(last.items())},
         "sample_rate_per_site": {str(s): m["sample_rate"] for s, m in sorted(last.items())},
         "steps_per_site": {str(s): int(m["steps_total"]) for s, m in sorted(last.items())},
         "rounds": cfg.federation.rounds,
+        "expected_rounds_per_site": expected_rounds(cfg.federation),
         "sites": len(last),
         "covers": "each training record of each site (sample-level); not a site as a whole",
     }

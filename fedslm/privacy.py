@@ -8,6 +8,7 @@ site has trained and survives a restart of the client process.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ RDP_ALPHAS = list(RDPAccountant.DEFAULT_ALPHAS) + list(range(64, 257, 4))
 def _accountant_kwargs(accountant: str) -> dict:
     return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
 
-from fedslm.config import PrivacyConfig
+from fedslm.config import FederationConfig, PrivacyConfig
 
 
 class BudgetExceededError(RuntimeError):
@@ -48,6 +49,12 @@ def calibrate_noise(cfg: PrivacyConfig, sample_rate: float, total_steps: int) ->
             accountant=cfg.accountant,
             **_accountant_kwargs(cfg.accountant),
         )
+
+
+def expected_rounds(fed: FederationConfig) -> int:
+    """Rounds a site expects to train in: all of them, or its share under client sampling.
+    A site sampled more often than expected is refused once its budget is spent."""
+    return max(1, math.ceil(fed.rounds * fed.fraction_train))
 
 
 @dataclass

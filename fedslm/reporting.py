@@ -92,6 +92,8 @@ class RunRecorder:
                     "train_loss": t.get("train_loss"),
                     "eval_loss": e.get("eval_loss"),
                     "epsilon": t.get("epsilon"),
+                    "epsilon_rdp": t.get("epsilon_rdp"),
+                    "epsilon_prv": t.get("epsilon_prv"),
                     "noise_multiplier": t.get("noise_multiplier"),
                     "num_examples": t.get("num-examples"),
                     "steps": t.get("steps"),
@@ -100,7 +102,8 @@ class RunRecorder:
                 f.write(json.dumps(row) + "\n")
                 self.echo(
                     f"    site {site}: train loss {_fmt(row['train_loss'])}  held-out loss {_fmt(row['eval_loss'])}"
-                    f"  epsilon {_fmt(row['epsilon'], 2)}  ({_fmt(row['train_seconds'], 1)}s train)"
+                    f"  epsilon {_fmt(row['epsilon'], 2)} (RDP {_fmt(row['epsilon_rdp'], 2)}, PRV {_fmt(row['epsilon_prv'], 2)})"
+                    f"  ({_fmt(row['train_seconds'], 1)}s train)"
                 )
 
     # --- the end of the run -----------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,8 +21,8 @@ from fedslm import quiet
 from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
 from fedslm.config import RunConfig, from_run_config, validate
 from fedslm.data.sites import SiteData, build_site_data, node_data_config
-from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import PrivacyLedger
+from fedslm.model import cache_root, load_base_model, resolve_model_dir
+from fedslm.privacy import PrivacyLedger, expected_rounds
 from fedslm.train import DPContext, check_site_size, evaluate_loss, train_local
 from fedslm.transport import from_record, to_record
 
@@ -96,14 +97,30 @@ def config_for(context: Context, cfg: RunConfig | None) -> RunConfig:
     return cfg if cfg is not None else validate(from_run_config(context.run_config))
 
 
-def _load_ledger(context: Context) -> PrivacyLedger:
+def ledger_file(cfg: RunConfig, context: Context, site: int) -> Path:
+    """Where a site keeps its privacy ledger on its own disk (node config `state-dir`)."""
+    root = context.node_config.get("state-dir") or cache_root(cfg.model) / "ledgers"
+    return Path(str(root)) / f"run-{context.run_id}" / f"site-{site}.json"
+
+
+def load_ledger(cfg: RunConfig, context: Context, site: int) -> PrivacyLedger:
+    """The node state holds the ledger between rounds; the file on the site's disk brings
+    it back after the client process or the SuperNode restarts."""
     if LEDGER_KEY in context.state.config_records:
         return PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["history"]))
+    path = ledger_file(cfg, context, site)
+    if path.exists():
+        return PrivacyLedger.from_json(path.read_text())
     return PrivacyLedger()
 
 
-def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
+def save_ledger(cfg: RunConfig, context: Context, site: int, ledger: PrivacyLedger) -> None:
     context.state.config_records[LEDGER_KEY] = ConfigRecord({"history": ledger.to_json()})
+    path = ledger_file(cfg, context, site)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(ledger.to_json())
+    tmp.replace(path)  # never a half-written ledger, which would under-count epsilon
 
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool = True) -> Message:
@@ -114,10 +131,11 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
     load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
     server_round = int(msg.content["config"]["server-round"])
 
-    dp, epsilon, noise, rate = None, 0.0, 0.0, 0.0
+    dp, noise, rate = None, 0.0, 0.0
+    eps = {"rdp": 0.0, "prv": 0.0}
     if cfg.privacy.enabled:
-        ledger = _load_ledger(context)
-        plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), cfg.federation.rounds, site)
+        ledger = load_ledger(cfg, context, site)
+        plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), expected_rounds(cfg.federation), site)
         # refuse before spending anything (raises BudgetExceededError with the numbers)
         ledger.check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
         dp, noise, rate = DPContext(cfg.privacy, plan, ledger), plan.noise_multiplier, plan.sample_rate
@@ -136,15 +154,18 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
     if bar:
         bar.close()
     if stats.ledger is not None:
-        _save_ledger(context, stats.ledger)
-        epsilon = stats.ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        save_ledger(cfg, context, site, stats.ledger)
+        eps = {name: stats.ledger.epsilon(cfg.privacy.delta, name) for name in eps}
 
     metrics = MetricRecord(
         {
             "num-examples": len(train_ds),
             "site": site,
             "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
-            "epsilon": epsilon,
+            # the enforcing accountant's figure, and both accountants' for comparison
+            "epsilon": eps[cfg.privacy.accountant],
+            "epsilon_rdp": eps["rdp"],
+            "epsilon_prv": eps["prv"],
             "noise_multiplier": noise,
             "sample_rate": rate,
             "steps_total": stats.ledger.steps if stats.ledger else stats.steps,

@@ -118,3 +118,25 @@ def test_fp16_transport_halves_the_bytes():
     assert back["x.lora_B.weight"].dtype == torch.float32
     torch.testing.assert_close(back["x.lora_B.weight"], t["x.lora_B.weight"], atol=2e-3, rtol=1e-3)
     assert isinstance(ArrayRecord({"a": Array(np.zeros(2, np.float16))}), ArrayRecord)
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_site_with_spent_budget_is_not_asked_again(strategy_and_sites):
+    strategy, sites, _, _, recorder = strategy_and_sites
+    (b0, n0), (b1, n1), _ = sites
+    refused = Message(Error(code=1000, reason="BudgetExceededError: privacy budget exhausted: epsilon spent 8.0"),
+                      reply_to=_instruction(102))
+    strategy.aggregate_train(1, [_reply(100, b0, n0, 0), _reply(101, b1, n1, 1), refused])
+    arrays = to_record({k: torch.zeros_like(v) for k, v in b0.items()})
+    messages = strategy.configure_train(2, arrays, ConfigRecord(), _Grid([100, 101, 102]))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101]
+    # evaluation spends no training privacy: the site is still evaluated
+    messages = strategy.configure_evaluate(2, arrays, ConfigRecord(), _Grid([100, 101, 102]))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]

@@ -283,3 +283,12 @@ def test_real_presets_partition_as_documented():
         assert len(table) == n and all(r["train"] > 0 and r["eval"] > 0 for r in table)
     total = sum(r["train"] + r["eval"] for r in site_table(cfg.data, 3))
     assert total == 500  # pubmedqa: all 500 rows, split over 3 sites
+
+
+def test_separate_eval_file_follows_the_natural_partition(files, tmp_path):
+    held = [{"question": f"held {s}{i}?", "answer": "x", "source": s} for s in "ABC" for i in range(4)]
+    eval_path = _write_jsonl(tmp_path / "held.jsonl", held)
+    cfg = _cfg(files / "qa.jsonl", partitioner="natural", partition_by="source", eval_path=str(eval_path))
+    rows = site_rows(cfg, 1, 3)
+    assert len(rows.train) == 10 and len(rows.eval) == 4
+    assert set(rows.eval["source"]) == {rows.natural_id}

@@ -167,3 +167,18 @@ def test_ledger_survives_serialisation():
     ledger = PrivacyLedger([(0.7, 0.02, 5), (0.7, 0.02, 5)])
     again = PrivacyLedger.from_json(ledger.to_json())
     assert again == ledger and again.epsilon(1e-5) == ledger.epsilon(1e-5)
+
+
+def test_calibration_covers_the_expected_participation():
+    from fedslm.config import FederationConfig
+    from fedslm.privacy import expected_rounds
+
+    assert expected_rounds(FederationConfig(rounds=5, fraction_train=1.0)) == 5
+    assert expected_rounds(FederationConfig(rounds=5, fraction_train=0.5)) == 3
+    assert expected_rounds(FederationConfig(rounds=2, fraction_train=0.1)) == 1
+
+
+def test_prv_and_rdp_both_bound_the_same_history():
+    ledger = PrivacyLedger([(0.8, 0.02, 30)])
+    rdp, prv = ledger.epsilon(1e-5, "rdp"), ledger.epsilon(1e-5, "prv")
+    assert 0 < prv < rdp  # PRV is the tighter accountant here; both are reported

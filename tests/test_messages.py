@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from fedslm.privacy import BudgetExceededError
 from fedslm.site import handle_evaluate, handle_train, runtime_for
 from fedslm.transport import to_record
 
-TRAIN_METRICS = {"num-examples", "site", "train_loss", "epsilon", "noise_multiplier", "sample_rate",
+TRAIN_METRICS = {"num-examples", "site", "train_loss", "epsilon", "epsilon_rdp", "epsilon_prv",
+                 "noise_multiplier", "sample_rate",
                  "steps_total", "steps", "examples_seen", "train_seconds", "truncated"}
 
 
@@ -27,8 +30,13 @@ def _message(cfg, kind: str, server_round: int = 1) -> Message:
     return Message(content, dst_node_id=11, message_type=kind)
 
 
-def _context(site: int = 1) -> Context:
-    return Context(run_id=7, node_id=11, node_config={"partition-id": site, "num-partitions": 3},
+_RUN_IDS = itertools.count(1000)
+
+
+def _context(site: int = 1, run_id: int | None = None, **node_config) -> Context:
+    # a fresh run id per context unless given: ledgers on disk are kept per run and site
+    return Context(run_id=run_id if run_id is not None else next(_RUN_IDS), node_id=11,
+                   node_config={"partition-id": site, "num-partitions": 3, **node_config},
                    state=RecordDict(), run_config={})
 
 
@@ -49,6 +57,8 @@ def test_train_reply_carries_only_adapter_and_metrics(tiny_cfg, flower_identity,
     assert set(metrics) == TRAIN_METRICS
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics["site"] == 1 and 0 < metrics["epsilon"] <= tiny_cfg.privacy.epsilon
+    # both accountants are reported; RDP (the default) enforces, PRV is the tighter estimate
+    assert metrics["epsilon"] == metrics["epsilon_rdp"] and 0 < metrics["epsilon_prv"] <= metrics["epsilon_rdp"]
     # the update is real: B moved away from the zero it was sent as
     assert any(np.abs(a.numpy()).max() > 0 for a in arrays.values())
 
@@ -80,6 +90,21 @@ def test_epsilon_accumulates_in_node_state_and_site_refuses_past_budget(tiny_cfg
     handle_train(_message(tiny_cfg, "train", 1), _context(site=2), tiny_cfg, progress=False)
 
 
+def test_ledger_survives_a_client_restart(tiny_cfg, flower_identity, tmp_path):
+    """A restarted SuperNode has an empty node state; the site's ledger file on its own
+    disk still holds what was spent, so epsilon continues instead of restarting at 0."""
+    first = _context(site=0, run_id=4242, **{"state-dir": str(tmp_path)})
+    eps1 = handle_train(_message(tiny_cfg, "train", 1), first, tiny_cfg, progress=False).content.metric_records["metrics"]["epsilon"]
+    restarted = _context(site=0, run_id=4242, **{"state-dir": str(tmp_path)})
+    assert not restarted.state.config_records
+    eps2 = handle_train(_message(tiny_cfg, "train", 2), restarted, tiny_cfg, progress=False).content.metric_records["metrics"]["epsilon"]
+    assert eps2 > eps1
+    with pytest.raises(BudgetExceededError):  # the budget of 2 rounds is spent across the restart
+        handle_train(_message(tiny_cfg, "train", 3), _context(site=0, run_id=4242, **{"state-dir": str(tmp_path)}),
+                     tiny_cfg, progress=False)
+    assert (tmp_path / "run-4242" / "site-0.json").is_file()
+
+
 def test_malformed_global_adapter_is_refused(tiny_cfg, flower_identity):
     bad = {k: torch.zeros(2, 2) for k in _global(tiny_cfg)}
     content = RecordDict({"arrays": to_record(bad), "config": ConfigRecord({"server-round": 1})})
@@ -97,7 +122,7 @@ def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tiny_cfg.data.prompt_columns = ["question"]
     tiny_cfg.data.answer_column = "reply"
-    ctx = Context(run_id=7, node_id=11, node_config={"site-id": 5, "data-path": str(path)},
+    ctx = Context(run_id=next(_RUN_IDS), node_id=11, node_config={"site-id": 5, "data-path": str(path)},
                   state=RecordDict(), run_config={})
     reply = handle_train(_message(tiny_cfg, "train"), ctx, tiny_cfg, progress=False)
     metrics = reply.content.metric_records["metrics"]

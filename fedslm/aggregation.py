@@ -68,12 +68,16 @@ class FFALoRA(FedAvg):
         recorder: RunRecorder,
         expected_shapes: dict[str, tuple[int, ...]],
         transport_dtype: str = "float32",
+        uniform_weights: bool = False,
         **fedavg_kwargs,
     ):
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
         self.recorder = recorder
         self.expected = expected_shapes
         self.transport_dtype = transport_dtype
+        # client-level DP bounds each site's influence by the clip norm only if every site
+        # counts the same in the mean; example weights would let a big site exceed it
+        self.uniform_weights = uniform_weights
         # nodes that refused to train because their privacy budget is spent: they are not
         # asked again (they still evaluate, which spends no training privacy)
         self.exhausted: set[int] = set()
@@ -114,15 +118,17 @@ class FFALoRA(FedAvg):
                 f"only {len(valid)} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round",
             )
             return None, None
-        weights = [float(m.content.metric_records["metrics"][WEIGHT_KEY]) for m in valid]
+        weights = [1.0 if self.uniform_weights else float(m.content.metric_records["metrics"][WEIGHT_KEY]) for m in valid]
         arrays = weighted_mean([m.content.array_records["arrays"] for m in valid], weights)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], WEIGHT_KEY)
-        self.recorder.global_adapter(server_round, arrays)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if server_round == 0:
             self.recorder.round_started(0)
+        else:
+            # the round's final global adapter: after any DP wrapper has noised the aggregate
+            self.recorder.global_adapter(server_round, arrays)
         down = self._downlink(arrays)
         messages = list(super().configure_evaluate(server_round, down, config, grid))
         self.recorder.add_bytes_down(server_round, record_bytes(down) * len(messages))

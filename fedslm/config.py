@@ -122,6 +122,13 @@ class PrivacyConfig:
     # A site whose data is too small would need more noise than this to meet the target:
     # it stops with a message saying how many examples it needs instead of training on noise.
     max_noise_multiplier: float = 5.0
+    # Client-level DP on top (or instead) of sample-level DP: the server clips each site's
+    # adapter update and adds noise to the aggregate (Flower's DP strategy wrappers).
+    client_level: bool = False
+    client_clipping: str = "fixed"  # fixed | adaptive
+    client_noise_multiplier: float = 1.0
+    # the clip norm (fixed) or its starting value (adaptive)
+    client_clip_norm: float = 0.1
     # Opacus secure RNG (needs torchcsprng); off means noise is seeded and reproducible.
     secure_mode: bool = False
 
@@ -168,6 +175,7 @@ ALLOWED = {
     "data.shape": ("instruction", "chat", "text", "classification"),
     "data.partitioner": ("iid", "dirichlet", "natural", "natural_sample"),
     "privacy.accountant": ("rdp", "prv"),
+    "privacy.client_clipping": ("fixed", "adaptive"),
     "federation.transport_dtype": ("float32", "float16"),
     "strategy.name": ("ffa",),
 }
@@ -250,6 +258,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 < p.delta < 1, "privacy.delta", f"got {p.delta}, must be in (0, 1), typically < 1/records")
     need(p.max_grad_norm > 0, "privacy.max_grad_norm", f"got {p.max_grad_norm}, must be > 0")
     need(p.max_noise_multiplier > 0, "privacy.max_noise_multiplier", "must be > 0")
+    need(p.client_noise_multiplier > 0, "privacy.client_noise_multiplier", f"got {p.client_noise_multiplier}, must be > 0")
+    need(p.client_clip_norm > 0, "privacy.client_clip_norm", f"got {p.client_clip_norm}, must be > 0")
 
     f = cfg.federation
     need(f.sites >= 1, "federation.sites", f"got {f.sites}, must be >= 1")

@@ -72,7 +72,8 @@ def _rounded(per_site: dict) -> str:
 
 
 def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> str:
-    if privacy.get("level") == "sample":
+    level = privacy.get("level", "none")
+    if level.startswith("sample"):
         eps = max(privacy["epsilon_per_site"].values(), default=0.0)
         guarantee = (
             f"Trained with sample-level differential privacy (DP-SGD, Opacus) at every site: "
@@ -92,9 +93,20 @@ def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> 
             "protect facts that appear in many records of a site, nor the identity of a site as a "
             "whole (no client-level DP in this run), nor the base model's own training data."
         )
+    elif level == "client":
+        guarantee = "No sample-level DP; site-level (client-level) DP only, see below."
+        scope = "Each site as a whole is protected at the client-level epsilon below; single records have no separate bound."
     else:
         guarantee = "Trained WITHOUT differential privacy: no formal privacy guarantee."
         scope = "Training records may be memorised and extractable from this model."
+    client = privacy.get("client_level")
+    if client:
+        scope += (
+            f"\n\nSite-level DP on top: each site's adapter update was clipped to norm {client['clip_norm']} "
+            f"({client['mechanism']}) with noise multiplier {client['noise_multiplier']}: "
+            f"({client['epsilon']:.2f}, {client['delta']:g})-DP for everything a site contributed, "
+            f"sampling rate {client['sampling_rate']:.2f}."
+        )
     return f"""# fedslm federated model
 
 Base model: `{cfg.model.path or cfg.model.source}`; LoRA rank {cfg.lora.r} on {', '.join(cfg.lora.target_modules)},

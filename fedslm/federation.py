@@ -21,7 +21,7 @@ from fedslm.config import RunConfig, to_run_config
 from fedslm.data.clinic import demo_question
 from fedslm.export import export_merged
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import expected_rounds
+from fedslm.privacy import client_level_epsilon, expected_rounds
 from fedslm.reporting import RunRecorder
 from fedslm.transport import from_record, to_record
 
@@ -54,7 +54,9 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
         min_train_nodes=min_sites,
         min_evaluate_nodes=min_sites,
         min_available_nodes=min_sites,
+        uniform_weights=cfg.privacy.client_level,
     )
+    strategy = with_client_level_dp(strategy, cfg, per_round)
     echo(
         f"federation: {fed.sites} sites x {fed.rounds} rounds, strategy {cfg.strategy.name}, "
         f"LoRA r={cfg.lora.r}, {sum(v.numel() for v in initial_adapter.values()):,} trainable values per site, "
@@ -77,6 +79,7 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
         "strategy": cfg.strategy.name,
         "delta": cfg.privacy.delta,
         "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
+        "client_level_epsilon": (privacy.get("client_level") or {}).get("epsilon"),
         "privacy": privacy["level"],
         "model": str(model_dir),
         "transport_dtype": fed.transport_dtype,
@@ -90,14 +93,52 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     return summary
 
 
+def with_client_level_dp(strategy, cfg: RunConfig, per_round: int):
+    """Wrap fedslm's strategy in Flower's server-side DP wrapper when asked to."""
+    p = cfg.privacy
+    if not p.client_level:
+        return strategy
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyServerSideAdaptiveClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    if p.client_clipping == "adaptive":
+        # Flower's default noise on the clipped-count (sites/20) is too small to leave any
+        # noise for the update at small federations; a count noise of at least the update's
+        # noise multiplier keeps most of the budget on the update (Andrew et al. 2021)
+        return DifferentialPrivacyServerSideAdaptiveClipping(
+            strategy, p.client_noise_multiplier, per_round, initial_clipping_norm=p.client_clip_norm,
+            clipped_count_stddev=max(per_round / 20, p.client_noise_multiplier),
+        )
+    return DifferentialPrivacyServerSideFixedClipping(strategy, p.client_noise_multiplier, p.client_clip_norm, per_round)
+
+
 def privacy_report(cfg: RunConfig, recorder: RunRecorder) -> dict:
     last: dict[int, dict] = {}
     for r in sorted(recorder.log):
         last.update(recorder.log[r].train)
-    if not cfg.privacy.enabled:
-        return {"level": "none", "rounds": cfg.federation.rounds, "sites": len(last)}
+    p, fed = cfg.privacy, cfg.federation
+    client = None
+    if p.client_level:
+        per_round = max(1, math.ceil(fed.fraction_train * fed.sites))
+        client = {
+            "mechanism": f"server-side {p.client_clipping} clipping of each site's adapter update + Gaussian noise "
+                         "on the aggregate (Flower DP strategy wrapper), uniform site weights",
+            "noise_multiplier": p.client_noise_multiplier,
+            "clip_norm": p.client_clip_norm,
+            "sampling_rate": min(1.0, per_round / fed.sites),
+            "epsilon": client_level_epsilon(p.client_noise_multiplier, per_round, fed.sites, fed.rounds, p.delta),
+            "delta": p.delta,
+            "accountant": "rdp",
+            "covers": "all records of a site together (site-level)",
+        }
+    if not p.enabled:
+        out = {"level": "client" if client else "none", "rounds": fed.rounds, "sites": len(last)}
+        return {**out, "client_level": client} if client else out
     return {
-        "level": "sample",
+        "level": "sample+client" if client else "sample",
+        "client_level": client,
         "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism with per-example clipping (Opacus)",
         "accountant": cfg.privacy.accountant,
         "target_epsilon": cfg.privacy.epsilon,

@@ -93,3 +93,14 @@ class PrivacyLedger:
     @classmethod
     def from_json(cls, text: str) -> "PrivacyLedger":
         return cls([(float(s), float(q), int(n)) for s, q, n in json.loads(text)])
+
+
+def client_level_epsilon(noise_multiplier: float, sites_per_round: int, sites: int, rounds: int, delta: float) -> float:
+    """Epsilon of a whole site's participation under server-side clipping + noise.
+
+    One release per round, each site taking part with rate sites_per_round / sites
+    (exact when every site joins every round; with sampling, Flower draws a fixed number
+    of sites and the Poisson rate is the usual approximation, as in DP-FedAvg)."""
+    acc = RDPAccountant()
+    acc.history = [(noise_multiplier, min(1.0, sites_per_round / sites), rounds)]
+    return float(acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))

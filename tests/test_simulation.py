@@ -112,3 +112,30 @@ def test_real_medquad_slice_natural_partition(tiny_cfg, tmp_path):
     table = json.loads((Path(cfg.output_dir) / "sites.json").read_text())
     assert sorted(r["natural_id"] for r in table) == ["CDC", "NHLBI", "NINDS"]
     assert all(r["train"] == 20 and r["eval"] == 5 for r in table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_client_level_dp_wraps_the_strategy(tiny_cfg, clipping):
+    """Flower's server-side DP wrapper clips each site's update and noises the aggregate;
+    its site-level epsilon is reported separately from the sample-level one."""
+    from fedslm.privacy import client_level_epsilon
+
+    tiny_cfg.federation.ray_cpus = 2
+    tiny_cfg.train.threads = 1
+    tiny_cfg.privacy.client_level = True
+    tiny_cfg.privacy.client_clipping = clipping
+    tiny_cfg.privacy.client_noise_multiplier = 2.0
+    tiny_cfg.privacy.client_clip_norm = 0.01
+    summary = simulate(tiny_cfg, echo=lambda *_: None)
+    run = Path(tiny_cfg.output_dir)
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["level"] == "sample+client"
+    expected = client_level_epsilon(2.0, 3, 3, tiny_cfg.federation.rounds, tiny_cfg.privacy.delta)
+    assert privacy["client_level"]["epsilon"] == pytest.approx(expected) == summary["client_level_epsilon"]
+    assert 0 < privacy["epsilon_per_site"]["0"] <= tiny_cfg.privacy.epsilon
+    # the noise on the aggregate (std 2.0 * 0.01 / 3 per value) dominates a clipped mean of norm <= 0.01
+    r1 = load_file(str(run / "adapters" / "round_001.safetensors"))
+    values = torch.cat([t.flatten() for t in r1.values()])
+    assert values.std().item() == pytest.approx(2.0 * 0.01 / 3, rel=0.25) if clipping == "fixed" else values.std() > 0
+    assert "Site-level DP" in (run / "model" / "README.md").read_text()

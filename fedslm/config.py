@@ -107,6 +107,10 @@ class TrainConfig:
     lr: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 8
+    # DP only: split each (Poisson) logical batch into physical batches of at most this
+    # many examples and accumulate, to reach a logical batch larger than memory allows;
+    # the accounting sees one step per logical batch. 0 = no split.
+    max_physical_batch: int = 0
     # torch threads per client process; 0 = leave torch's default.
     threads: int = 1
     progress: bool = True
@@ -119,6 +123,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # How Opacus gets per-sample gradient norms: hooks (per-sample gradients from layer
+    # hooks), functorch (vmap), ghost (norms without materialising per-sample gradients).
+    grad_sample_mode: str = "hooks"
     # A site whose data is too small would need more noise than this to meet the target:
     # it stops with a message saying how many examples it needs instead of training on noise.
     max_noise_multiplier: float = 5.0
@@ -176,6 +183,7 @@ ALLOWED = {
     "data.partitioner": ("iid", "dirichlet", "natural", "natural_sample"),
     "privacy.accountant": ("rdp", "prv"),
     "privacy.client_clipping": ("fixed", "adaptive"),
+    "privacy.grad_sample_mode": ("hooks", "functorch", "ghost"),
     "federation.transport_dtype": ("float32", "float16"),
     "strategy.name": ("ffa",),
 }
@@ -223,6 +231,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     bad = [m for m in cfg.lora.target_modules if m not in LORA_TARGETS]
     need(bool(cfg.lora.target_modules) and not bad, "lora.target_modules",
          f"got {bad or 'an empty list'}, allowed values: {', '.join(LORA_TARGETS)}")
+    if cfg.privacy.grad_sample_mode == "ghost" and cfg.train.max_physical_batch:
+        problems.append("train.max_physical_batch: not supported with privacy.grad_sample_mode=ghost; use hooks")
     if cfg.privacy.enabled and cfg.lora.dropout > 0:
         problems.append("lora.dropout: must be 0 with privacy.enabled=true "
                         "(dropout masks differ per sample and are not accounted)")
@@ -250,6 +260,7 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"got {cfg.train.batch_size}, must be <= data.train_examples ({cfg.data.train_examples})")
     need(cfg.train.lr > 0, "train.lr", f"got {cfg.train.lr}, must be > 0")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    need(cfg.train.max_physical_batch >= 0, "train.max_physical_batch", "must be >= 0 (0 = no split)")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)")
 
     p = cfg.privacy

@@ -23,7 +23,7 @@ from fedslm.config import RunConfig, from_run_config, validate
 from fedslm.data.sites import SiteData, build_site_data, node_data_config
 from fedslm.model import cache_root, load_base_model, resolve_model_dir
 from fedslm.privacy import PrivacyLedger, expected_rounds
-from fedslm.train import DPContext, check_site_size, evaluate_loss, train_local
+from fedslm.train import DPContext, check_site_size, evaluate_loss, train_local, wrap_for_dp
 from fedslm.transport import from_record, to_record
 
 LEDGER_KEY = "fedslm.privacy"
@@ -41,18 +41,15 @@ _RUNTIMES: dict[tuple, SiteRuntime] = {}
 
 
 def runtime_for(cfg: RunConfig) -> SiteRuntime:
-    key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), cfg.strategy.name, cfg.privacy.enabled)
+    p = cfg.privacy
+    key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), cfg.strategy.name, p.enabled, p.grad_sample_mode, p.max_grad_norm)
     if key not in _RUNTIMES:
         quiet.silence_known_noise()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         model, tok = load_base_model(resolve_model_dir(cfg.model))
         peft_model = attach_lora(model, cfg.lora, freeze_a=cfg.strategy.name == "ffa")
-        gsm = None
-        if cfg.privacy.enabled:
-            from opacus import GradSampleModule
-
-            gsm = GradSampleModule(peft_model)
+        gsm = wrap_for_dp(peft_model, cfg.privacy) if cfg.privacy.enabled else None
         _RUNTIMES[key] = SiteRuntime(peft_model, tok, gsm)
     return _RUNTIMES[key]
 

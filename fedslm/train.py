@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,23 @@ class DPContext:
     ledger: PrivacyLedger
 
 
+def wrap_for_dp(peft_model, cfg: PrivacyConfig):
+    """The Opacus wrapper for `cfg.grad_sample_mode`; callers keep it across rounds."""
+    from opacus.grad_sample.utils import prepare_module
+
+    kwargs = {"max_grad_norm": cfg.max_grad_norm} if cfg.grad_sample_mode == "ghost" else {}
+    return prepare_module(peft_model, cfg.grad_sample_mode, True, **kwargs)
+
+
+class _PerSequenceLoss:
+    """Ghost clipping asks a criterion for per-sample losses; ours are already computed."""
+
+    reduction = "mean"
+
+    def __call__(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        return per_sequence
+
+
 def train_local(
     peft_model,
     dataset: TokenizedDataset,
@@ -131,14 +149,15 @@ def train_local(
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_collate(pad_id), generator=gen
     )
-    engine = None
+    engine, criterion = None, None
+    ghost = dp is not None and dp.cfg.grad_sample_mode == "ghost"
     if dp is not None:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=dp.cfg.accountant, secure_mode=dp.cfg.secure_mode)
         engine.accountant.history = list(dp.ledger.history)
         noise_gen = None if dp.cfg.secure_mode else torch.Generator().manual_seed(seed + 1)
-        _, optimizer, loader = engine.make_private(
+        private = engine.make_private(
             module=grad_sample_module,
             optimizer=optimizer,
             data_loader=loader,
@@ -146,34 +165,49 @@ def train_local(
             max_grad_norm=dp.cfg.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_gen,
+            grad_sample_mode=dp.cfg.grad_sample_mode,
+            **({"criterion": _PerSequenceLoss()} if ghost else {}),
         )
+        optimizer, loader = private[1], private[-1]
+        criterion = private[2] if ghost else None
 
     peft_model.train()
     losses, seen, empty = [], 0, 0
-    batches = _cycle(loader)
-    for _ in range(cfg.local_steps):
-        batch = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        if _is_empty(batch):
-            # Poisson sampling drew nobody. The step must still be taken (and noised)
-            # for the accounting to hold: Opacus treats empty grad samples as a noise-only step.
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            empty += 1
-        else:
-            per_seq = sequence_losses(peft_model, batch)
-            per_seq.mean().backward()
-            losses.append(per_seq.detach().mean().item())
-            seen += per_seq.shape[0]
-        optimizer.step()
-        if progress is not None:
-            progress(losses[-1] if losses else float("nan"))
+    split = dp is not None and 0 < cfg.max_physical_batch
+    with _physical_batches(loader, optimizer, cfg.max_physical_batch) if split else nullcontext(loader) as batches_of:
+        batches = _cycle(batches_of)
+        steps = 0
+        while steps < cfg.local_steps:
+            batch = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            if _is_empty(batch):
+                # Poisson sampling drew nobody. The step must still be taken (and noised)
+                # for the accounting to hold: Opacus treats empty grad samples as a noise-only step.
+                for p in params:
+                    if ghost:  # ghost clipping accumulates p.grad, not grad samples
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                empty += 1
+            else:
+                per_seq = sequence_losses(peft_model, batch)
+                # ghost: Opacus runs a norm pass and a clipped-loss pass from this tensor
+                (criterion(per_seq) if ghost else per_seq.mean()).backward()
+                losses.append(per_seq.detach().mean().item())
+                seen += per_seq.shape[0]
+            optimizer.step()
+            # with physical batches, Opacus skips the step until its logical batch is complete
+            if getattr(optimizer, "_is_last_step_skipped", False):
+                continue
+            steps += 1
+            if progress is not None:
+                progress(losses[-1] if losses else float("nan"))
     optimizer.zero_grad(set_to_none=True)
     ledger = PrivacyLedger(list(engine.accountant.history)) if engine is not None else None
     if grad_sample_module is not None:
         _clear_grad_samples(params)
     return TrainStats(
-        steps=cfg.local_steps,
+        steps=steps,
         empty_steps=empty,
         examples_seen=seen,
         mean_loss=float(sum(losses) / len(losses)) if losses else math.nan,
@@ -193,6 +227,12 @@ def evaluate_loss(peft_model, dataset: TokenizedDataset, batch_size: int, pad_id
         total += per_seq.sum().item()
         n += per_seq.shape[0]
     return total / max(n, 1)
+
+
+def _physical_batches(loader, optimizer, max_physical: int):
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    return BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical, optimizer=optimizer)
 
 
 def _cycle(loader):

@@ -148,14 +148,17 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
         ledger.check_budget(cfg, plan.noise_multiplier, plan.sample_rate, steps)
 
 
-def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode):
+    from fedslm.train import wrap_for_dp
+
     model, tok = tiny
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
-    gsm = GradSampleModule(pm)
     ds = _dataset(tok, 4)
     tiny_cfg.train.batch_size = 1
     tiny_cfg.train.local_steps = 20
-    cfg = PrivacyConfig(epsilon=50.0)
+    cfg = PrivacyConfig(epsilon=50.0, grad_sample_mode=mode)
+    gsm = wrap_for_dp(pm, cfg)
     plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds=1)
     stats = train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=1,
                         dp=DPContext(cfg, plan, PrivacyLedger()), grad_sample_module=gsm)
@@ -182,3 +185,49 @@ def test_prv_and_rdp_both_bound_the_same_history():
     ledger = PrivacyLedger([(0.8, 0.02, 30)])
     rdp, prv = ledger.epsilon(1e-5, "rdp"), ledger.epsilon(1e-5, "prv")
     assert 0 < prv < rdp  # PRV is the tighter accountant here; both are reported
+
+
+def test_gradient_accumulation_equals_the_unsplit_logical_batch(tiny, tiny_cfg):
+    """Physical batches of 2 accumulated into Poisson logical batches of ~8: same sampled
+    batches, same noise, same update, and one accounted step per logical batch."""
+    model, tok = tiny
+    ds = _dataset(tok, 32)
+    cfg = PrivacyConfig(epsilon=8.0)
+    tiny_cfg.train.batch_size = 8
+    tiny_cfg.train.local_steps = 3
+    plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds=1)
+    results = []
+    for physical in (0, 2):
+        pm = attach_lora(copy.deepcopy(model), tiny_cfg.lora, freeze_a=True)
+        train_cfg = copy.deepcopy(tiny_cfg.train)
+        train_cfg.max_physical_batch = physical
+        stats = train_local(pm, ds, train_cfg, tok.pad_token_id, seed=9,
+                            dp=DPContext(cfg, plan, PrivacyLedger()), grad_sample_module=GradSampleModule(pm))
+        assert stats.steps == 3 and stats.ledger.steps == 3
+        results.append(([p.detach().clone() for p in _trainable(pm)], stats.examples_seen))
+    (plain, seen_plain), (split, seen_split) = results
+    assert seen_plain == seen_split
+    for a, b in zip(plain, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+def test_grad_sample_modes_give_the_same_private_update_as_hooks(tiny, tiny_cfg, mode):
+    """Same Poisson batches and noise: functorch and ghost clipping must reproduce the
+    hooks update (ghost without ever materialising per-sample gradients)."""
+    from fedslm.train import wrap_for_dp
+
+    model, tok = tiny
+    ds = _dataset(tok, 32)
+    tiny_cfg.train.batch_size = 8
+    results = []
+    for m in ("hooks", mode):
+        cfg = PrivacyConfig(epsilon=8.0, max_grad_norm=0.05, grad_sample_mode=m)
+        plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds=1)
+        pm = attach_lora(copy.deepcopy(model), tiny_cfg.lora, freeze_a=True)
+        stats = train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=4,
+                            dp=DPContext(cfg, plan, PrivacyLedger()), grad_sample_module=wrap_for_dp(pm, cfg))
+        assert stats.ledger.steps == tiny_cfg.train.local_steps
+        results.append([p.detach().clone() for p in _trainable(pm)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -24,6 +24,19 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from fedslm import quiet
+    from fedslm.audit import audit
+
+    quiet.silence_known_noise()
+    try:
+        audit(args.run_dir, candidates=args.candidates, max_examples=args.max_examples)
+    except FileNotFoundError as err:
+        print(f"fedslm audit: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedslm import __version__
 
@@ -40,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("simulate", help="run a simulated federation (Hydra overrides follow)")
     s.add_argument("overrides", nargs=argparse.REMAINDER)
     s.set_defaults(func=_simulate)
+
+    a = sub.add_parser("audit", help="canary exposure, membership inference and an epsilon lower bound for a run")
+    a.add_argument("run_dir")
+    a.add_argument("--candidates", type=int, default=100, help="random secrets each canary is ranked against")
+    a.add_argument("--max-examples", type=int, default=200, help="members and non-members for membership inference")
+    a.set_defaults(func=_audit)
 
     args = parser.parse_args(argv)
     return args.func(args)

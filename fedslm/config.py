@@ -136,6 +136,11 @@ class PrivacyConfig:
     client_noise_multiplier: float = 1.0
     # the clip norm (fixed) or its starting value (adaptive)
     client_clip_norm: float = 0.1
+    # Audit canaries: this many random secrets, each put into site `canary_site`'s training
+    # data with probability 1/2 (`fedslm audit RUN_DIR` measures them). 0 = none.
+    canaries: int = 0
+    canary_site: int = 0
+    canary_repeats: int = 1
     # Opacus secure RNG (needs torchcsprng); off means noise is seeded and reproducible.
     secure_mode: bool = False
 
@@ -271,6 +276,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(p.max_noise_multiplier > 0, "privacy.max_noise_multiplier", "must be > 0")
     need(p.client_noise_multiplier > 0, "privacy.client_noise_multiplier", f"got {p.client_noise_multiplier}, must be > 0")
     need(p.client_clip_norm > 0, "privacy.client_clip_norm", f"got {p.client_clip_norm}, must be > 0")
+    need(p.canaries >= 0, "privacy.canaries", "must be >= 0 (0 = no canaries)")
+    need(0 <= p.canary_site < cfg.federation.sites, "privacy.canary_site",
+         f"got {p.canary_site}, must be a site index in [0, {cfg.federation.sites - 1}]")
+    need(p.canary_repeats >= 1, "privacy.canary_repeats", "must be >= 1")
 
     f = cfg.federation
     need(f.sites >= 1, "federation.sites", f"got {f.sites}, must be >= 1")

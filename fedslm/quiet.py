@@ -38,6 +38,12 @@ def silence_known_noise() -> None:
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger("opacus").setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # per-split map/filter bars, many per site
+    except ImportError:  # pragma: no cover
+        pass
     # Hydra sets the root logger to INFO; these libraries then narrate their internals.
     for name in ("alembic", "matplotlib", "filelock", "urllib3", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedslm import quiet
 from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
 from fedslm.config import RunConfig, from_run_config, validate
+from fedslm.data.canaries import canary_examples, make_canaries, write_audit_file
 from fedslm.data.sites import SiteData, build_site_data, node_data_config
 from fedslm.model import cache_root, load_base_model, resolve_model_dir
 from fedslm.privacy import PrivacyLedger, expected_rounds
@@ -61,7 +62,8 @@ def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime) -> SiteData:
     site = site_id(context)
     key = (site, repr(data_cfg), own)
     if key not in rt.datasets:
-        data = build_site_data(data_cfg, site, cfg.federation.sites, rt.tokenizer, own)
+        data = build_site_data(data_cfg, site, cfg.federation.sites, rt.tokenizer, own,
+                               extra_train=_canaries_for(cfg, context, site))
         print(
             f"site {site}: {len(data.train)} train / {len(data.eval)} held-out examples"
             f"{' (its own data)' if own else ''}, {data.train.truncated + data.eval.truncated} truncated "
@@ -70,6 +72,22 @@ def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime) -> SiteData:
         )
         rt.datasets[key] = data
     return rt.datasets[key]
+
+
+def audit_dir(cfg: RunConfig, context: Context) -> Path:
+    """Where a site writes its audit file: its node config `state-dir`, or (simulation,
+    one machine) the run directory."""
+    root = context.node_config.get("state-dir")
+    return Path(str(root)) / f"run-{context.run_id}" if root else Path(cfg.output_dir) / "audit"
+
+
+def _canaries_for(cfg: RunConfig, context: Context, site: int):
+    p = cfg.privacy
+    if not p.canaries or site != p.canary_site:
+        return None
+    canaries = make_canaries(p.canaries, cfg.seed)
+    write_audit_file(audit_dir(cfg, context) / f"site-{site}-canaries.json", site, canaries, p.canary_repeats)
+    return lambda columns: canary_examples(canaries, columns, p.canary_repeats)
 
 
 def site_id(context: Context) -> int:

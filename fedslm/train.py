@@ -23,9 +23,10 @@ from fedslm.data.tokenize import TokenizedDataset, make_collate
 from fedslm.privacy import PrivacyLedger, calibrate_noise
 
 
-def sequence_losses(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sequence mean cross-entropy over answer tokens, shape (batch,)."""
-    lm = peft_model.get_base_model()
+def sequence_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sequence mean cross-entropy over answer tokens, shape (batch,). `model` is a
+    peft model or a plain causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = lm.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state

@@ -12,6 +12,7 @@ import contextlib
 import io
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -149,18 +150,25 @@ def site_rows(cfg: DataConfig, site: int, num_sites: int, own_data: bool = False
     return SiteRows(site, natural, train, held)
 
 
-def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_data: bool = False) -> SiteData:
+def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_data: bool = False,
+                    extra_train: Callable[[list[str]], datasets.Dataset] | None = None) -> SiteData:
+    """Tokenised splits of one site. `extra_train(columns)` may add examples (audit
+    canaries) in the shape of the site's examples table, to the training split only."""
     rows = site_rows(cfg, site, num_sites, own_data)
     labels = load_label_set(cfg)
     for name, split in (("train", rows.train), ("eval", rows.eval)):
         check_labels(split, cfg, labels, f"site {site} {name} split")
     system_prompt = cfg.system_prompt or (clinic.SYSTEM_PROMPT if cfg.path is None and cfg.format is None else None)
 
-    def tokenized(split: datasets.Dataset) -> TokenizedDataset:
+    def tokenized(split: datasets.Dataset, extra=None) -> TokenizedDataset:
         examples = split.map(lambda r: to_example(r, cfg, labels), remove_columns=split.column_names, desc="formatting")
+        if extra is not None:
+            added = extra(examples.column_names)
+            if len(added):
+                examples = datasets.concatenate_datasets([examples, added.cast(examples.features)]).shuffle(seed=cfg.seed)
         return tokenize_table(tokenizer, examples, cfg.max_length, system_prompt, packing=cfg.packing)
 
-    return SiteData(site, rows.natural_id, tokenized(rows.train), tokenized(rows.eval))
+    return SiteData(site, rows.natural_id, tokenized(rows.train, extra_train), tokenized(rows.eval))
 
 
 def site_table(cfg: DataConfig, num_sites: int) -> list[dict]:

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from fedslm.config import from_run_config
-from fedslm.data.canaries import Canary, random_secret, read_audit_file
-from fedslm.data.clinic import SYSTEM_PROMPT
-from fedslm.data.sites import build_site_data
+from fedslm.data.canaries import random_secret, read_audit_file
+from fedslm.data.sites import build_site_data, system_prompt_for
 from fedslm.data.tokenize import TokenizedDataset, make_collate
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.train import sequence_losses
@@ -100,7 +99,7 @@ def audit(run_dir: Path, candidates: int = 100, max_examples: int = 200, seed: i
 
     base, tok = load_base_model(resolve_model_dir(cfg.model))
     tuned, _ = load_base_model(run_dir / "model")
-    system_prompt = cfg.data.system_prompt or (None if cfg.data.path else SYSTEM_PROMPT)
+    system_prompt = system_prompt_for(cfg.data)
 
     rng = random.Random(f"audit|{seed}")
     exposures, scores = [], []
@@ -118,9 +117,12 @@ def audit(run_dir: Path, candidates: int = 100, max_examples: int = 200, seed: i
     data = build_site_data(cfg.data, site, cfg.federation.sites, tok)
     members = _subset(data.train, max_examples)
     nonmembers = _subset(data.eval, max_examples)
-    m_scores = [b - t for b, t in zip(example_losses(base, members, tok.pad_token_id), example_losses(tuned, members, tok.pad_token_id))]
-    n_scores = [b - t for b, t in zip(example_losses(base, nonmembers, tok.pad_token_id), example_losses(tuned, nonmembers, tok.pad_token_id))]
-    auc, tpr = auc_and_tpr(m_scores, n_scores)
+
+    def calibrated(ds: TokenizedDataset) -> list[float]:
+        # how much lower the tuned model's loss is than the base model's on each example
+        return [b - t for b, t in zip(example_losses(base, ds, tok.pad_token_id), example_losses(tuned, ds, tok.pad_token_id))]
+
+    auc, tpr = auc_and_tpr(calibrated(members), calibrated(nonmembers))
 
     correct, guesses = one_run_guesses(scores, inserted)
     privacy = json.loads((run_dir / "privacy.json").read_text())
@@ -173,5 +175,3 @@ def format_audit(r: dict) -> str:
         f"  epsilon upper bound (accountant) {f(r['epsilon_accountant'])} at delta {r['delta']}",
     ])
 
-
-__all__ = ["audit", "Canary"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 from flwr.app import ConfigRecord
@@ -21,7 +20,7 @@ from fedslm.config import RunConfig, to_run_config
 from fedslm.data.clinic import demo_question
 from fedslm.export import export_merged
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import client_level_epsilon, expected_rounds
+from fedslm.privacy import client_level_epsilon, expected_rounds, sites_per_round
 from fedslm.reporting import RunRecorder
 from fedslm.transport import from_record, to_record
 
@@ -40,7 +39,7 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     del base
 
     fed = cfg.federation
-    per_round = max(1, math.ceil(fed.fraction_train * fed.sites))
+    per_round = sites_per_round(fed)
     min_sites = fed.min_sites or per_round
     recorder = RunRecorder(
         run_dir, fed.rounds, meta={"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r)}, echo=echo
@@ -121,7 +120,7 @@ def privacy_report(cfg: RunConfig, recorder: RunRecorder) -> dict:
     p, fed = cfg.privacy, cfg.federation
     client = None
     if p.client_level:
-        per_round = max(1, math.ceil(fed.fraction_train * fed.sites))
+        per_round = sites_per_round(fed)
         client = {
             "mechanism": f"server-side {p.client_clipping} clipping of each site's adapter update + Gaussian noise "
                          "on the aggregate (Flower DP strategy wrapper), uniform site weights",

@@ -51,6 +51,10 @@ def calibrate_noise(cfg: PrivacyConfig, sample_rate: float, total_steps: int) ->
         )
 
 
+def sites_per_round(fed: FederationConfig) -> int:
+    return max(1, math.ceil(fed.fraction_train * fed.sites))
+
+
 def expected_rounds(fed: FederationConfig) -> int:
     """Rounds a site expects to train in: all of them, or its share under client sampling.
     A site sampled more often than expected is refused once its budget is spent."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedslm import quiet
 from fedslm.config import RunConfig
-from fedslm.data.sites import format_site_table, site_table
+from fedslm.data.sites import format_site_table, is_synthetic, site_table
 from fedslm.model import resolve_model_dir
 
 
@@ -41,8 +41,9 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
 
     # the per-site table, from the same partitioning the sites will do themselves
     table = site_table(cfg.data, cfg.federation.sites)
-    echo(f"data: {cfg.data.name} ({cfg.data.path or 'built-in synthetic clinics'}), "
-         f"partitioner {cfg.data.partitioner if cfg.data.path else 'one clinic per site'}")
+    synthetic = is_synthetic(cfg.data)
+    echo(f"data: {cfg.data.name} ({'built-in synthetic clinics' if synthetic else cfg.data.path or cfg.data.format}), "
+         f"partitioner {'one clinic per site' if synthetic else cfg.data.partitioner}")
     echo(format_site_table(table))
     (run_dir / "sites.json").write_text(json.dumps(table, indent=2))
     fed = cfg.federation

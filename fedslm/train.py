@@ -59,11 +59,16 @@ def plan_dp(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: i
     return DPPlan(calibrate_noise(cfg, sample_rate, total), sample_rate, total)
 
 
-def _noise_for(cfg: PrivacyConfig, train: TrainConfig, n: int, rounds: int) -> float:
+def _plan_or_none(cfg: PrivacyConfig, train: TrainConfig, n: int, rounds: int) -> DPPlan | None:
     try:
-        return plan_dp(cfg, train, n, rounds).noise_multiplier
+        return plan_dp(cfg, train, n, rounds)
     except ValueError:  # Opacus gives up when no noise level reaches the target
-        return math.inf
+        return None
+
+
+def _noise_for(cfg: PrivacyConfig, train: TrainConfig, n: int, rounds: int) -> float:
+    plan = _plan_or_none(cfg, train, n, rounds)
+    return math.inf if plan is None else plan.noise_multiplier
 
 
 def check_site_size(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: int, site: int) -> DPPlan:
@@ -73,9 +78,10 @@ def check_site_size(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, r
             f"site {site} has {num_examples} training examples, fewer than train.batch_size={train.batch_size}; "
             "give it more data or lower train.batch_size"
         )
-    sigma = _noise_for(cfg, train, num_examples, rounds)
-    if sigma <= cfg.max_noise_multiplier:
-        return plan_dp(cfg, train, num_examples, rounds)
+    plan = _plan_or_none(cfg, train, num_examples, rounds)
+    if plan is not None and plan.noise_multiplier <= cfg.max_noise_multiplier:
+        return plan
+    sigma = math.inf if plan is None else plan.noise_multiplier
     low, high = num_examples, num_examples * 2
     while _noise_for(cfg, train, high, rounds) > cfg.max_noise_multiplier and high < 10**8:
         low, high = high, high * 2

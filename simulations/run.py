@@ -24,6 +24,7 @@ def main(dcfg: DictConfig) -> float | None:
     cfg.output_dir = HydraConfig.get().runtime.output_dir
 
     from fedslm.data.errors import DataError
+    from fedslm.data.sites import is_synthetic
     from fedslm.demo import print_summary, show_demo_answers
     from fedslm.simulation import simulate
 
@@ -33,7 +34,7 @@ def main(dcfg: DictConfig) -> float | None:
         print(f"fedslm: data problem: {err}", file=sys.stderr)
         sys.exit(2)
     print_summary(summary, cfg)
-    if cfg.demo_answer and cfg.export_model and cfg.data.path is None:
+    if cfg.demo_answer and cfg.export_model and is_synthetic(cfg.data):
         show_demo_answers(cfg)
     return summary["eval_loss_final"]
 

@@ -19,8 +19,10 @@ register_schema()
 
 
 def _compose(overrides: list[str]):
+    # output_dir is normally Hydra's run dir; composing outside a run needs a value, and
+    # these tests never write to it
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=["output_dir=/tmp/x", *overrides])
+        return compose(config_name="config", overrides=["output_dir=unused-run-dir", *overrides])
 
 
 GROUP_OPTIONS = sorted(
@@ -125,10 +127,10 @@ def test_run_config_rejects_unknown_and_unparsable():
         validate(from_run_config({"privacy.epsilon": -2.0}))
 
 
-def test_cli_stops_before_any_work():
+def test_cli_stops_before_any_work(tmp_path):
     """A bad value exits with status 2 and names the key, without loading a model."""
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.run", "privacy.epsilon=0", "hydra.run.dir=/tmp/fedslm-never"],
+        [sys.executable, "-m", "simulations.run", "privacy.epsilon=0", f"hydra.run.dir={tmp_path / 'never'}"],
         capture_output=True, text=True, cwd=CONF.parent, timeout=120,
     )
     assert proc.returncode == 2

@@ -277,7 +277,7 @@ def test_real_presets_partition_as_documented():
     expected = {"medquad": 9, "banking77": 7, "pubmedqa": 3}
     for preset, n in expected.items():
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = to_run_config_object(compose(config_name="config", overrides=["output_dir=/tmp/x", f"data={preset}"]))
+            cfg = to_run_config_object(compose(config_name="config", overrides=["output_dir=unused-run-dir", f"data={preset}"]))
         assert cfg.federation.sites == n
         table = site_table(cfg.data, n)
         assert len(table) == n and all(r["train"] > 0 and r["eval"] > 0 for r in table)

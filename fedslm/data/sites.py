@@ -60,6 +60,16 @@ def node_data_config(cfg: DataConfig, node_config: dict) -> tuple[DataConfig, bo
     return replace(cfg, **own), True
 
 
+def is_synthetic(cfg: DataConfig) -> bool:
+    """No file and no builder: the built-in synthetic clinics."""
+    return cfg.path is None and cfg.format is None
+
+
+def system_prompt_for(cfg: DataConfig) -> str | None:
+    """The system prompt training used, so that evaluation and audits score the same text."""
+    return cfg.system_prompt or (clinic.SYSTEM_PROMPT if is_synthetic(cfg) else None)
+
+
 @lru_cache(maxsize=8)
 def _table(path: str | None, fmt: str | None) -> datasets.Dataset:
     return load_table(path, fmt)
@@ -113,7 +123,7 @@ def natural_sample(n_natural: int, num_sites: int, seed: int) -> list[int]:
 
 def site_rows(cfg: DataConfig, site: int, num_sites: int, own_data: bool = False) -> SiteRows:
     """Raw train/eval rows of one site (before tokenisation)."""
-    if cfg.path is None and cfg.format is None:
+    if is_synthetic(cfg):
         train, held = clinic.site_splits(site, cfg.train_examples, cfg.eval_examples, cfg.seed)
         return SiteRows(site, clinic.site_profile(site).name, datasets.Dataset.from_list(train), datasets.Dataset.from_list(held))
     where = "site data" if own_data else f"data.path ({cfg.path})"
@@ -158,7 +168,7 @@ def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_d
     labels = load_label_set(cfg)
     for name, split in (("train", rows.train), ("eval", rows.eval)):
         check_labels(split, cfg, labels, f"site {site} {name} split")
-    system_prompt = cfg.system_prompt or (clinic.SYSTEM_PROMPT if cfg.path is None and cfg.format is None else None)
+    system_prompt = system_prompt_for(cfg)
 
     def tokenized(split: datasets.Dataset, extra=None) -> TokenizedDataset:
         examples = split.map(lambda r: to_example(r, cfg, labels), remove_columns=split.column_names, desc="formatting")
@@ -173,7 +183,7 @@ def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_d
 
 def site_table(cfg: DataConfig, num_sites: int) -> list[dict]:
     """Per-site sizes and label mix, for the table printed at the start of a simulation."""
-    label_col = "topic" if cfg.path is None and cfg.format is None else cfg.label_column
+    label_col = "topic" if is_synthetic(cfg) else cfg.label_column
     rows_out = []
     for site in range(num_sites):
         rows = site_rows(cfg, site, num_sites)

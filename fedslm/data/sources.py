@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 
+from fedslm.config import FILE_FORMATS
 from fedslm.data.errors import DataError
 
 _BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
@@ -37,8 +38,7 @@ def guess_format(path: Path) -> str:
 
 def load_table(path: str | None, fmt: str | None = None) -> datasets.Dataset:
     """One `datasets.Dataset` from a file, a save_to_disk directory or an offline builder."""
-    datasets.disable_progress_bars()
-    if fmt and fmt not in ("jsonl", "json", "csv", "parquet", "arrow"):
+    if fmt and fmt not in FILE_FORMATS:
         return _from_builder(fmt, path)
     if not path:
         raise DataError("data.path is not set; give a file or directory (or set data.format=<builder>)")

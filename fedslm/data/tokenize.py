@@ -15,6 +15,7 @@ import datasets
 import torch
 from torch.utils.data import Dataset
 
+
 def chat_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": question})

@@ -88,3 +88,13 @@ def load_adapter_state(peft_model: PeftModel, tensors: dict[str, torch.Tensor], 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AdapterMismatchError(f"peft did not accept keys {unexpected[:3]}")
+
+
+def set_base_delta(peft_model: PeftModel, deltas: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> None:
+    """Set each adapted layer's base weight to W0 + delta (FLoRA's merged stack). W0 is
+    kept in `originals` on first use, so every round merges into the pristine base."""
+    with torch.no_grad():
+        for layer, delta in deltas.items():
+            weight = peft_model.get_submodule(layer).base_layer.weight
+            w0 = originals.setdefault(layer, weight.detach().clone())
+            weight.copy_(w0 + delta.to(w0.dtype))

@@ -1,102 +1,89 @@
 """LoRA-aware aggregation as a Flower Message-API strategy.
 
-FFA-LoRA: every site builds the same frozen A from the shared seed and trains only B, so
-the global update sum_i w_i B_i A = (sum_i w_i B_i) A: averaging B (weighted by examples)
-is exactly the average of the sites' updates. FedAvg does the averaging; this subclass
-adds what a federation of real sites needs around it: replies are checked before they are
-used, bytes are counted, and each round is recorded.
+`LoraStrategy` is a FedAvg subclass that hands the arithmetic to a scheme
+(fedslm.lora_schemes: fedavg, ffa, exact, stack) and adds what a federation of real sites
+needs around it: a deterministic draw of the sites per round, every reply checked before
+it is used (fedslm.reply_checks), the aggregation error measured, bytes counted, and each
+round recorded. Flower's server optimisers (FedAvgM, FedAdam, FedYogi) are put in front of
+it by `build_strategy`, so their state and update rules are Flower's own.
 """
 
 from __future__ import annotations
 
-import logging
+import math
+import random
 from collections.abc import Iterable
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedslm.config import RunConfig, StrategyConfig
+from fedslm.lora_algebra import distance, relative_error, weighted_sum
+from fedslm.lora_schemes import Scheme, SiteUpdate
+from fedslm.reply_checks import WEIGHT_KEY, norm_outliers, reply_problem, unchanged_or_zero
 from fedslm.reporting import RunRecorder
-from fedslm.transport import record_bytes
+from fedslm.transport import from_record, record_bytes, to_record
 
-log = logging.getLogger(__name__)
-
-WEIGHT_KEY = "num-examples"
+SERVER_OPTIMISERS = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
 
 
-def reply_problem(content, expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a training reply cannot be aggregated, or None if it can."""
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        return "reply lacks the 'arrays' or 'metrics' record"
-    metrics = content.metric_records["metrics"]
-    weight = metrics.get(WEIGHT_KEY)
-    if not isinstance(weight, (int, float)) or weight <= 0:
-        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
-    arrays = content.array_records["arrays"]
-    keys = set(arrays.keys())
-    if keys != set(expected):
-        return (f"adapter keys differ from the global adapter: {len(set(expected) - keys)} missing, "
-                f"{len(keys - set(expected))} unexpected")
-    for key, arr in arrays.items():
-        if tuple(arr.shape) != expected[key]:
-            return f"{key}: shape {tuple(arr.shape)}, expected {expected[key]}"
-        values = arr.numpy()
-        if values.dtype not in (np.float32, np.float16):
-            return f"{key}: dtype {values.dtype}, expected float32 or float16"
-        if not np.isfinite(values).all():
-            return f"{key}: contains NaN or Inf"
-    return None
+class LoraStrategy(FedAvg):
+    """FedAvg's round structure with LoRA-aware aggregation and validated replies.
 
+    Its own settings come from the class attribute `setup` (a LoraSetup), because Flower's
+    optimiser strategies, put before it in the MRO, call FedAvg's constructor with
+    FedAvg's arguments only.
+    """
 
-def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
-    """Example-weighted mean of adapter tensors, accumulated in float64, returned as fp32."""
-    total = float(sum(weights))
-    out: dict[str, np.ndarray] = {}
-    for record, w in zip(records, weights, strict=True):
-        for key, arr in record.items():
-            contrib = arr.numpy().astype(np.float64) * (w / total)
-            out[key] = contrib if key not in out else out[key] + contrib
-    return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in out.items()})
+    setup: LoraSetup
 
+    def __init__(self, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        self.exhausted: set[int] = set()  # nodes whose privacy budget is spent
+        self.current: dict | None = None  # the global adapter sent this round (fp32)
+        self.sent: dict | None = None  # ... as the sites received it (transport dtype)
+        self.errors: dict[int, float] = {}
 
-class FFALoRA(FedAvg):
-    """FedAvg over the B matrices of FFA-LoRA, with validated replies and a run record."""
+    @property
+    def scheme(self) -> Scheme:
+        return self.setup.scheme
 
-    def __init__(
-        self,
-        recorder: RunRecorder,
-        expected_shapes: dict[str, tuple[int, ...]],
-        transport_dtype: str = "float32",
-        uniform_weights: bool = False,
-        **fedavg_kwargs,
-    ):
-        super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
-        self.recorder = recorder
-        self.expected = expected_shapes
-        self.transport_dtype = transport_dtype
-        # client-level DP bounds each site's influence by the clip norm only if every site
-        # counts the same in the mean; example weights would let a big site exceed it
-        self.uniform_weights = uniform_weights
-        # nodes that refused to train because their privacy budget is spent: they are not
-        # asked again (they still evaluate, which spends no training privacy)
-        self.exhausted: set[int] = set()
+    @property
+    def recorder(self) -> RunRecorder:
+        return self.setup.recorder
 
     def _downlink(self, arrays: ArrayRecord) -> ArrayRecord:
-        return ArrayRecord({k: Array(a.numpy().astype(self.transport_dtype)) for k, a in arrays.items()})
+        return to_record(from_record(arrays), self.setup.transport_dtype)
+
+    # --- which sites train ----------------------------------------------------------
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """The round's sites: drawn with a generator seeded by (seed, round) over the sites
+        sorted by site id (node ids differ between runs; site ids do not)."""
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough nodes
+        nodes = [n for n in nodes if n not in self.exhausted]
+        site_of = self.recorder.node_site
+        order = sorted(nodes, key=lambda n: (site_of.get(n, math.inf), n))
+        want = self.setup.per_round or max(1, int(len(order) * self.fraction_train))
+        k = min(len(order), max(want, self.min_train_nodes))
+        return sorted(random.Random(self.setup.seed * 100_003 + server_round).sample(order, k))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.recorder.round_started(server_round)
         down = self._downlink(arrays)
-        messages = [m for m in super().configure_train(server_round, down, config, grid)
-                    if m.metadata.dst_node_id not in self.exhausted]
+        self.current, self.sent = from_record(arrays), from_record(down)
         if self.exhausted:
             self.recorder.note(server_round, f"{len(self.exhausted)} site(s) with a spent privacy budget not asked to train")
-        self.recorder.add_bytes_down(server_round, record_bytes(down) * len(messages))
-        return messages
+        config["server-round"] = server_round
+        nodes = self.sample(server_round, grid)
+        self.recorder.add_bytes_down(server_round, record_bytes(down) * len(nodes))
+        record = RecordDict({"arrays": down, "config": config})
+        return self._construct_messages(record, nodes, "train")
 
+    # --- replies -> the next global adapter -----------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid: list[Message] = []
+        updates: list[tuple[Message, SiteUpdate]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -104,31 +91,50 @@ class FFALoRA(FedAvg):
                     self.exhausted.add(node)
                 self.recorder.rejected(server_round, node, f"site error: {msg.error.reason}")
                 continue
-            problem = reply_problem(msg.content, self.expected)
+            problem = reply_problem(msg.content, self.scheme, self.setup.global_rank)
+            update = None
+            if problem is None:
+                metrics = msg.content.metric_records["metrics"]
+                update = SiteUpdate(from_record(msg.content.array_records["arrays"]), int(metrics["lora_r"]),
+                                    1.0 if self.setup.uniform_weights else float(metrics[WEIGHT_KEY]))
+                problem = unchanged_or_zero(self.scheme, update, self.sent)
             if problem:
                 self.recorder.rejected(server_round, node, f"invalid update: {problem}")
                 continue
-            metrics = dict(msg.content.metric_records["metrics"])
-            self.recorder.train_reply(server_round, node, metrics, record_bytes(msg.content.array_records["arrays"]))
-            valid.append(msg)
+            updates.append((msg, update))
 
-        if len(valid) < max(1, self.min_train_nodes):
+        # a norm far above the round's median: a diverged or malicious site
+        norms = [distance(self.scheme.update_terms(u.tensors, u.rank), self.scheme.start_terms(self.sent, u.rank))
+                 for _, u in updates]
+        outliers = norm_outliers(norms, self.setup.max_norm_ratio)
+        for i in sorted(outliers, reverse=True):
+            msg, _ = updates.pop(i)
+            self.recorder.rejected(server_round, msg.metadata.src_node_id, f"invalid update: {outliers[i]}")
+        for msg, u in updates:
+            self.recorder.train_reply(server_round, msg.metadata.src_node_id, dict(msg.content.metric_records["metrics"]),
+                                      record_bytes(msg.content.array_records["arrays"]))
+
+        if len(updates) < max(1, self.min_train_nodes):
             self.recorder.note(
                 server_round,
-                f"only {len(valid)} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round",
+                f"only {len(updates)} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round",
             )
             return None, None
-        weights = [1.0 if self.uniform_weights else float(m.content.metric_records["metrics"][WEIGHT_KEY]) for m in valid]
-        arrays = weighted_mean([m.content.array_records["arrays"] for m in valid], weights)
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], WEIGHT_KEY)
-        return arrays, metrics
+        sites = [u for _, u in updates]
+        new, aggregate = self.scheme.combine(self.current, sites, self.setup.rule, self.setup.trim)
+        target = weighted_sum([self.scheme.update_terms(u.tensors, u.rank) for u in sites], [u.weight for u in sites])
+        self.errors[server_round] = relative_error(aggregate, target)
+        self.recorder.aggregation_error(server_round, self.errors[server_round])
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in updates], WEIGHT_KEY)
+        return to_record(new), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if server_round == 0:
             self.recorder.round_started(0)
         else:
-            # the round's final global adapter: after any DP wrapper has noised the aggregate
-            self.recorder.global_adapter(server_round, arrays)
+            # the round's final global adapter: after any server optimiser or DP wrapper
+            rank, alpha, tensors = self.scheme.peft_view(from_record(arrays))
+            self.recorder.global_adapter(server_round, tensors, {"rank": str(rank), "alpha": str(alpha)})
         down = self._downlink(arrays)
         messages = list(super().configure_evaluate(server_round, down, config, grid))
         self.recorder.add_bytes_down(server_round, record_bytes(down) * len(messages))
@@ -146,3 +152,51 @@ class FFALoRA(FedAvg):
         if not valid:
             return None
         return self.evaluate_metrics_aggr_fn([m.content for m in valid], WEIGHT_KEY)
+
+
+class LoraSetup:
+    """What LoraStrategy needs beyond FedAvg's arguments."""
+
+    def __init__(self, scheme: Scheme, recorder: RunRecorder, st: StrategyConfig, *, transport_dtype: str = "float32",
+                 uniform_weights: bool = False, per_round: int = 0, seed: int = 0):
+        self.scheme = scheme
+        self.recorder = recorder
+        self.rule = st.aggregator
+        self.trim = st.trim_fraction
+        self.max_norm_ratio = st.max_norm_ratio
+        self.transport_dtype = transport_dtype
+        # client-level DP bounds each site's influence by the clip norm only if every site
+        # counts the same in the mean; example weights would let a big site exceed it
+        self.uniform_weights = uniform_weights
+        self.per_round = per_round
+        self.seed = seed
+
+    @property
+    def global_rank(self) -> int:
+        return self.scheme.rank
+
+
+def build_strategy(setup: LoraSetup, st: StrategyConfig, **fedavg_kwargs) -> LoraStrategy:
+    """LoraStrategy, behind Flower's FedAvgM / FedAdam / FedYogi when a server optimiser is set:
+    their aggregate_train calls ours (the LoRA-aware mean), then steps the global adapter."""
+    base = SERVER_OPTIMISERS.get(st.server_optimizer)
+    bases = (base, LoraStrategy) if base else (LoraStrategy,)
+    cls = type(f"Lora{base.__name__ if base else 'Strategy'}_{setup.scheme.name}", bases, {"setup": setup})
+    if st.server_optimizer == "fedavgm":
+        fedavg_kwargs.update(server_learning_rate=st.server_lr, server_momentum=st.server_momentum)
+    elif base is not None:
+        fedavg_kwargs.update(eta=st.server_lr, beta_1=st.beta_1, beta_2=st.beta_2, tau=st.tau)
+    return cls(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)
+
+
+def strategy_for(cfg: RunConfig, scheme: Scheme, recorder: RunRecorder, per_round: int, min_sites: int) -> LoraStrategy:
+    setup = LoraSetup(scheme, recorder, cfg.strategy, transport_dtype=cfg.federation.transport_dtype,
+                      uniform_weights=cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed)
+    return build_strategy(
+        setup, cfg.strategy,
+        fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min_sites,
+        min_evaluate_nodes=min_sites,
+        min_available_nodes=min_sites,
+    )

@@ -52,6 +52,10 @@ class LoraConfig:
     # Every site and the server draw the LoRA A matrices from this seed, so with A
     # frozen (FFA-LoRA) all sites share the same A and averaging B is exact.
     init_seed: int = 1234
+    # Heterogeneous ranks (strategy exact or stack): one rank per simulated site, each
+    # <= r (r is then the global rank). Empty = every site trains rank r. A deployed site
+    # sets its own with --node-config "lora-r=N".
+    site_ranks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +154,9 @@ class FederationConfig:
     sites: int = 3
     rounds: int = 3
     fraction_train: float = 1.0
+    # Sites asked to train per round as a count (wins over fraction_train when > 0); the
+    # draw is deterministic under `seed`.
+    sites_per_round: int = 0
     # Rounds go on only if at least this many sites reply; 0 means all sites.
     min_sites: int = 0
     cpus_per_site: float = 1.0
@@ -161,7 +168,27 @@ class FederationConfig:
 
 @dataclass
 class StrategyConfig:
+    # fedavg (A and B averaged apart: the peers' baseline), ffa (A frozen, B averaged:
+    # exact), exact (mean of B_i A_i re-factored by truncated SVD), stack (FLoRA stacking)
     name: str = "ffa"
+    # How replies are combined: the (example-)weighted mean, or Flower's FedMedian /
+    # FedTrimmedAvg rules, coordinate-wise (on the effective update B A for `exact`).
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2  # trimmed_mean: cut from each end
+    # A server optimiser over the aggregated update (Flower's FedAvgM / FedAdam / FedYogi);
+    # ffa and fedavg only, whose global adapter is a fixed set of arrays.
+    server_optimizer: str = "none"
+    server_lr: float = 1.0  # FedAvgM's server learning rate, FedAdam/FedYogi's eta
+    server_momentum: float = 0.9  # FedAvgM
+    beta_1: float = 0.9  # FedAdam / FedYogi
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    # FedProx: each local step pulls the trained tensors toward the global adapter by
+    # lr * mu * (w - w_global) (data-independent, so it costs no privacy). 0 = off.
+    proximal_mu: float = 0.0
+    # Reject an update whose norm exceeds this multiple of the round's median update norm
+    # (with at least 3 replies). 0 = off.
+    max_norm_ratio: float = 10.0
 
 
 @dataclass
@@ -190,7 +217,9 @@ ALLOWED = {
     "privacy.client_clipping": ("fixed", "adaptive"),
     "privacy.grad_sample_mode": ("hooks", "functorch", "ghost"),
     "federation.transport_dtype": ("float32", "float16"),
-    "strategy.name": ("ffa",),
+    "strategy.name": ("fedavg", "ffa", "exact", "stack"),
+    "strategy.aggregator": ("mean", "median", "trimmed_mean"),
+    "strategy.server_optimizer": ("none", "fedavgm", "fedadam", "fedyogi"),
 }
 
 
@@ -236,6 +265,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     bad = [m for m in cfg.lora.target_modules if m not in LORA_TARGETS]
     need(bool(cfg.lora.target_modules) and not bad, "lora.target_modules",
          f"got {bad or 'an empty list'}, allowed values: {', '.join(LORA_TARGETS)}")
+    _validate_strategy(cfg, need, problems)
     if cfg.privacy.grad_sample_mode == "ghost" and cfg.train.max_physical_batch:
         problems.append("train.max_physical_batch: not supported with privacy.grad_sample_mode=ghost; use hooks")
     if cfg.privacy.enabled and cfg.lora.dropout > 0:
@@ -285,6 +315,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(f.sites >= 1, "federation.sites", f"got {f.sites}, must be >= 1")
     need(f.rounds >= 1, "federation.rounds", f"got {f.rounds}, must be >= 1")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", f"got {f.fraction_train}, must be in (0, 1]")
+    need(0 <= f.sites_per_round <= f.sites, "federation.sites_per_round",
+         f"got {f.sites_per_round}, must be in [0, federation.sites={f.sites}] (0 = use fraction_train)")
     need(0 <= f.min_sites <= f.sites, "federation.min_sites",
          f"got {f.min_sites}, must be in [0, federation.sites={f.sites}] (0 = all)")
     need(f.cpus_per_site > 0, "federation.cpus_per_site", "must be > 0")
@@ -294,6 +326,34 @@ def validate(cfg: RunConfig) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _validate_strategy(cfg: RunConfig, need, problems: list[str]) -> None:
+    st, lora = cfg.strategy, cfg.lora
+    need(0 <= st.trim_fraction < 0.5, "strategy.trim_fraction", f"got {st.trim_fraction}, must be in [0, 0.5)")
+    need(st.server_lr > 0, "strategy.server_lr", f"got {st.server_lr}, must be > 0")
+    need(0 <= st.server_momentum < 1, "strategy.server_momentum", f"got {st.server_momentum}, must be in [0, 1)")
+    need(0 <= st.beta_1 < 1 and 0 <= st.beta_2 < 1, "strategy.beta_1/beta_2", "must be in [0, 1)")
+    need(st.tau > 0, "strategy.tau", f"got {st.tau}, must be > 0")
+    need(st.proximal_mu >= 0, "strategy.proximal_mu", f"got {st.proximal_mu}, must be >= 0 (0 = off)")
+    need(st.max_norm_ratio == 0 or st.max_norm_ratio >= 1, "strategy.max_norm_ratio",
+         f"got {st.max_norm_ratio}, must be >= 1 (0 = off)")
+    fixed = st.name in ("fedavg", "ffa")
+    if lora.site_ranks:
+        need(len(lora.site_ranks) == cfg.federation.sites, "lora.site_ranks",
+             f"has {len(lora.site_ranks)} ranks for federation.sites={cfg.federation.sites}; give one per site")
+        need(all(1 <= r <= lora.r for r in lora.site_ranks), "lora.site_ranks",
+             f"got {lora.site_ranks}; each must be in [1, lora.r={lora.r}] (lora.r is the global rank)")
+        need(not fixed or all(r == lora.r for r in lora.site_ranks), "lora.site_ranks",
+             f"strategy {st.name} averages one shared shape, so every site must train rank lora.r={lora.r}; "
+             "heterogeneous ranks need strategy=exact or strategy=stack")
+    need(st.server_optimizer == "none" or fixed, "strategy.server_optimizer",
+         f"{st.server_optimizer} steps a fixed set of arrays, but strategy {st.name} re-factors (exact) or grows "
+         "(stack) the adapter each round; use strategy=ffa or fedavg, or server_optimizer=none")
+    need(st.aggregator == "mean" or st.name != "stack", "strategy.aggregator",
+         f"{st.aggregator} has no stacked form (stack keeps every factor exactly); use strategy=exact or ffa")
+    need(not cfg.privacy.client_level or fixed, "privacy.client_level",
+         f"Flower's DP wrappers clip arrays of one fixed shape; strategy {st.name} has none; use strategy=ffa or fedavg")
 
 
 # --- the flat boundary ----------------------------------------------------------------

@@ -3,6 +3,7 @@ checked against the unmerged model, with its privacy guarantee written beside it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,11 +23,13 @@ class ParityError(RuntimeError):
     pass
 
 
-def build_adapted(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor]):
-    """(peft model with the global adapter loaded, tokenizer)."""
+def build_adapted(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor], rank: int, alpha: float):
+    """(peft model with the global adapter loaded, tokenizer). `tensors` holds every A and B
+    of a rank-`rank` adapter (a strategy's peft view of its global adapter)."""
     base, tok = load_base_model(model_dir)
-    peft_model = attach_lora(base, cfg.lora, freeze_a=cfg.strategy.name == "ffa")
-    load_adapter_state(peft_model, tensors)
+    lora = dataclasses.replace(cfg.lora, r=rank, alpha=alpha, site_ranks=[])
+    peft_model = attach_lora(base, lora, freeze_a=False)
+    load_adapter_state(peft_model, tensors, trainable_only=False)
     peft_model.eval()
     return peft_model, tok
 
@@ -43,16 +46,16 @@ def merge_parity(peft_model, merged, tok, prompts: list[str]) -> float:
     return worst
 
 
-def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor], out_dir: Path,
-                  parity_prompts: list[str], privacy: dict) -> dict:
+def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor], rank: int, alpha: float,
+                  out_dir: Path, parity_prompts: list[str], privacy: dict) -> dict:
     """Write the merged model, the adapter alone (PEFT format) and the model card."""
     out_dir = Path(out_dir)
-    peft_model, tok = build_adapted(model_dir, cfg, tensors)
+    peft_model, tok = build_adapted(model_dir, cfg, tensors, rank, alpha)
     peft_model.save_pretrained(out_dir.parent / "adapter")  # for users who keep the base
     full_adapter = adapter_state(peft_model, trainable_only=False)
 
     # merge into a fresh copy so the adapter model stays intact for the parity check
-    merged_src, _ = build_adapted(model_dir, cfg, tensors)
+    merged_src, _ = build_adapted(model_dir, cfg, tensors, rank, alpha)
     merged = merged_src.merge_and_unload()
     merged.eval()
     diff = merge_parity(peft_model, merged, tok, parity_prompts)
@@ -63,7 +66,7 @@ def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tens
     tok.save_pretrained(out_dir)
     (out_dir / "training_config.json").write_text(json.dumps(to_run_config(cfg), indent=2))
     (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
-    (out_dir / "README.md").write_text(model_card(cfg, privacy, diff, len(full_adapter)))
+    (out_dir / "README.md").write_text(model_card(cfg, privacy, diff, len(full_adapter), rank))
     return {"merge_max_abs_diff": diff, "model_dir": str(out_dir)}
 
 
@@ -71,7 +74,7 @@ def _rounded(per_site: dict) -> str:
     return ", ".join(f"site {k} {v:.2f}" for k, v in per_site.items())
 
 
-def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> str:
+def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int, rank: int) -> str:
     level = privacy.get("level", "none")
     if level.startswith("sample"):
         eps = max(privacy["epsilon_per_site"].values(), default=0.0)
@@ -109,7 +112,7 @@ def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int) -> 
         )
     return f"""# fedslm federated model
 
-Base model: `{cfg.model.path or cfg.model.source}`; LoRA rank {cfg.lora.r} on {', '.join(cfg.lora.target_modules)},
+Base model: `{cfg.model.path or cfg.model.source}`; global LoRA rank {rank} on {', '.join(cfg.lora.target_modules)},
 aggregated with `{cfg.strategy.name}` over {cfg.federation.rounds} rounds and {cfg.federation.sites} sites,
 then merged into the base weights ({n_tensors} adapter tensors).
 

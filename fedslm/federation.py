@@ -1,6 +1,6 @@
 """The server side of a run: round 0 evaluation, the strategy's rounds, and the outputs.
 
-config -> global adapter init -> [sites train with DP -> FFA aggregation] x rounds
+config -> global adapter init -> [sites train with DP -> LoRA-aware aggregation] x rounds
        -> per-round adapters -> merged model + privacy.json + summary.json + curves.png
 """
 
@@ -15,10 +15,11 @@ from flwr.serverapp import Grid
 
 from fedslm import quiet
 from fedslm.adapter import adapter_state, attach_lora
-from fedslm.aggregation import FFALoRA
+from fedslm.aggregation import strategy_for
 from fedslm.config import RunConfig, to_run_config
 from fedslm.data.clinic import demo_question
 from fedslm.export import export_merged
+from fedslm.lora_schemes import make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy import client_level_epsilon, expected_rounds, sites_per_round
 from fedslm.reporting import RunRecorder
@@ -34,7 +35,10 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
 
     model_dir = resolve_model_dir(cfg.model)
     base, _ = load_base_model(model_dir)
-    initial_adapter = adapter_state(attach_lora(base, cfg.lora, freeze_a=True))
+    # every LoRA tensor at the global rank, from the seed all sites share
+    scheme = make_scheme(cfg.strategy.name, adapter_state(attach_lora(base, cfg.lora, freeze_a=False)),
+                         cfg.lora.r, cfg.lora.alpha)
+    initial_adapter = scheme.initial_global()
     initial = to_record(initial_adapter, "float32")
     del base
 
@@ -44,21 +48,13 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     recorder = RunRecorder(
         run_dir, fed.rounds, meta={"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r)}, echo=echo
     )
-    strategy = FFALoRA(
-        recorder,
-        expected_shapes={k: tuple(v.shape) for k, v in initial_adapter.items()},
-        transport_dtype=fed.transport_dtype,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=min_sites,
-        min_evaluate_nodes=min_sites,
-        min_available_nodes=min_sites,
-        uniform_weights=cfg.privacy.client_level,
-    )
+    strategy = strategy_for(cfg, scheme, recorder, per_round, min_sites)
     strategy = with_client_level_dp(strategy, cfg, per_round)
     echo(
-        f"federation: {fed.sites} sites x {fed.rounds} rounds, strategy {cfg.strategy.name}, "
-        f"LoRA r={cfg.lora.r}, {sum(v.numel() for v in initial_adapter.values()):,} trainable values per site, "
+        f"federation: {fed.sites} sites x {fed.rounds} rounds ({per_round} training per round), "
+        f"strategy {describe_strategy(cfg)}, LoRA r={cfg.lora.r}"
+        + (f" (site ranks {cfg.lora.site_ranks})" if cfg.lora.site_ranks else "")
+        + f", {sum(v.numel() for k, v in scheme.init.items() if scheme.trains_a or '.lora_B.' in k):,} trainable values per site, "
         + (f"DP target epsilon {cfg.privacy.epsilon} (delta {cfg.privacy.delta})" if cfg.privacy.enabled else "no DP")
     )
 
@@ -71,6 +67,7 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
         train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
     )
     final = from_record(result.arrays) if len(result.arrays) else initial_adapter
+    rank, alpha, final_view = scheme.peft_view(final)
 
     privacy = privacy_report(cfg, recorder)
     (run_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
@@ -82,14 +79,34 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
         "privacy": privacy["level"],
         "model": str(model_dir),
         "transport_dtype": fed.transport_dtype,
+        "global_rank": rank,
+        "aggregation_error": max((e for e in strategy_errors(strategy).values()), default=None),
     }
     if cfg.export_model:
         prompts = [demo_question(cfg.seed)["prompt"], "What should I do about a cough?"]
-        extra.update(export_merged(model_dir, cfg, final, run_dir / "model", prompts, privacy))
+        extra.update(export_merged(model_dir, cfg, final_view, rank, alpha, run_dir / "model", prompts, privacy))
         echo(f"merged model written to {run_dir / 'model'} (max |logit diff| vs base+adapter {extra['merge_max_abs_diff']:.2e})")
     summary = recorder.summary(extra)
     recorder.plot(cfg.privacy.epsilon if cfg.privacy.enabled else None)
     return summary
+
+
+def describe_strategy(cfg: RunConfig) -> str:
+    st = cfg.strategy
+    parts = [st.name]
+    if st.aggregator != "mean":
+        parts.append(st.aggregator)
+    if st.server_optimizer != "none":
+        parts.append(f"server optimiser {st.server_optimizer} (lr {st.server_lr})")
+    if st.proximal_mu:
+        parts.append(f"FedProx mu {st.proximal_mu}")
+    return " + ".join(parts)
+
+
+def strategy_errors(strategy) -> dict[int, float]:
+    """Per-round aggregation errors of fedslm's strategy, also from inside a DP wrapper."""
+    inner = getattr(strategy, "strategy", strategy)
+    return getattr(inner, "errors", {})
 
 
 def with_client_level_dp(strategy, cfg: RunConfig, per_round: int):

@@ -52,13 +52,15 @@ def calibrate_noise(cfg: PrivacyConfig, sample_rate: float, total_steps: int) ->
 
 
 def sites_per_round(fed: FederationConfig) -> int:
+    if fed.sites_per_round:
+        return fed.sites_per_round
     return max(1, math.ceil(fed.fraction_train * fed.sites))
 
 
 def expected_rounds(fed: FederationConfig) -> int:
     """Rounds a site expects to train in: all of them, or its share under client sampling.
     A site sampled more often than expected is refused once its budget is spent."""
-    return max(1, math.ceil(fed.rounds * fed.fraction_train))
+    return max(1, math.ceil(fed.rounds * sites_per_round(fed) / fed.sites))
 
 
 @dataclass

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedslm.checkpoint import adapter_path, save_adapter
-from fedslm.transport import from_record
 
 
 @dataclass
@@ -26,6 +25,7 @@ class RoundLog:
     train: dict[int, dict] = field(default_factory=dict)  # site -> metrics
     eval: dict[int, dict] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    aggregation_error: float | None = None
 
 
 class RunRecorder:
@@ -68,8 +68,12 @@ class RunRecorder:
     def note(self, r: int, text: str) -> None:
         self.echo(f"  ! round {r}: {text}")
 
-    def global_adapter(self, r: int, arrays) -> None:
-        save_adapter(adapter_path(self.run_dir, r), from_record(arrays), {**self.meta, "round": str(r)})
+    def aggregation_error(self, r: int, error: float) -> None:
+        self.log[r].aggregation_error = error
+
+    def global_adapter(self, r: int, tensors: dict, meta: dict[str, str]) -> None:
+        """The round's global adapter as a peft LoRA state (A and B) of rank meta['rank']."""
+        save_adapter(adapter_path(self.run_dir, r), tensors, {**self.meta, **meta, "round": str(r)})
 
     def round_finished(self, r: int) -> None:
         rl = self.log[r]
@@ -82,6 +86,7 @@ class RunRecorder:
         self.echo(
             f"round {r}/{self.rounds}  {rl.seconds:6.1f}s  up {_mb(rl.bytes_up)}  down {_mb(rl.bytes_down)}"
             f"  sites {len(rl.train)} ok, {len(rl.rejected)} rejected"
+            + (f"  aggregation error {rl.aggregation_error:.2e}" if rl.aggregation_error is not None else "")
         )
         with self.metrics_path.open("a") as f:
             for site in sorted(set(rl.train) | set(rl.eval)):
@@ -98,6 +103,8 @@ class RunRecorder:
                     "num_examples": t.get("num-examples"),
                     "steps": t.get("steps"),
                     "train_seconds": t.get("train_seconds"),
+                    "lora_r": t.get("lora_r"),
+                    "aggregation_error": rl.aggregation_error,
                 }
                 f.write(json.dumps(row) + "\n")
                 self.echo(
@@ -143,6 +150,7 @@ class RunRecorder:
             "seconds_per_round": [round(self.log[r].seconds, 2) for r in sorted(rounds_done)],
             "bytes_up_per_round": [self.log[r].bytes_up for r in sorted(rounds_done)],
             "bytes_down_per_round": [self.log[r].bytes_down for r in sorted(rounds_done)],
+            "aggregation_error_per_round": [self.log[r].aggregation_error for r in sorted(rounds_done)],
             "rejected": {r: rl.rejected for r, rl in self.log.items() if rl.rejected},
             "eval_loss_per_site": {str(s): c for s, c in self.eval_curve().items()},
             "epsilon_per_site": {str(s): c for s, c in self.epsilon_curve().items()},

@@ -9,6 +9,7 @@ in the node's `context.state`, never in the process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedslm import quiet
-from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
-from fedslm.config import RunConfig, from_run_config, validate
+from fedslm.adapter import adapter_state, attach_lora, load_adapter_state, set_base_delta
+from fedslm.config import ConfigError, RunConfig, from_run_config, validate
 from fedslm.data.canaries import canary_examples, make_canaries, write_audit_file
 from fedslm.data.sites import SiteData, build_site_data, node_data_config
+from fedslm.lora_schemes import SCHEMES, Scheme, make_scheme
 from fedslm.model import cache_root, load_base_model, resolve_model_dir
 from fedslm.privacy import PrivacyLedger, expected_rounds
 from fedslm.train import DPContext, check_site_size, evaluate_loss, train_local, wrap_for_dp
@@ -35,24 +37,62 @@ class SiteRuntime:
     peft_model: torch.nn.Module
     tokenizer: object
     grad_sample_module: torch.nn.Module | None
+    scheme: Scheme
+    rank: int
+    own_init: dict[str, torch.Tensor]  # this adapter's A and B as first built from the seed
+    base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # stack: pristine W0
     datasets: dict = field(default_factory=dict)
 
 
 _RUNTIMES: dict[tuple, SiteRuntime] = {}
 
 
-def runtime_for(cfg: RunConfig) -> SiteRuntime:
+def site_rank(cfg: RunConfig, context: Context, site: int) -> int:
+    """This site's LoRA rank: its node config `lora-r`, else lora.site_ranks[site], else lora.r."""
+    if "lora-r" in context.node_config:
+        rank = int(context.node_config["lora-r"])
+    elif cfg.lora.site_ranks:
+        rank = cfg.lora.site_ranks[site]
+    else:
+        return cfg.lora.r
+    if not 1 <= rank <= cfg.lora.r:
+        raise ConfigError([f"lora-r: this site sets rank {rank}; it must be in [1, lora.r={cfg.lora.r}] (the global rank)"])
+    if rank != cfg.lora.r and not SCHEMES[cfg.strategy.name].mixed_ranks:
+        raise ConfigError([f"lora-r: this site sets rank {rank}, but strategy {cfg.strategy.name} needs every site at "
+                           f"lora.r={cfg.lora.r}; heterogeneous ranks need strategy=exact or stack"])
+    return rank
+
+
+def runtime_for(cfg: RunConfig, rank: int | None = None) -> SiteRuntime:
     p = cfg.privacy
-    key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), cfg.strategy.name, p.enabled, p.grad_sample_mode, p.max_grad_norm)
+    rank = rank or cfg.lora.r
+    key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), rank, cfg.strategy.name, p.enabled, p.grad_sample_mode,
+           p.max_grad_norm)
     if key not in _RUNTIMES:
         quiet.silence_known_noise()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         model, tok = load_base_model(resolve_model_dir(cfg.model))
-        peft_model = attach_lora(model, cfg.lora, freeze_a=cfg.strategy.name == "ffa")
+        lora = dataclasses.replace(cfg.lora, r=rank)
+        peft_model = attach_lora(model, lora, freeze_a=not SCHEMES[cfg.strategy.name].trains_a)
+        own_init = adapter_state(peft_model, trainable_only=False)
+        # the site-side scheme only needs layer names, shapes and the global rank
+        scheme = make_scheme(cfg.strategy.name, own_init, cfg.lora.r, cfg.lora.alpha)
         gsm = wrap_for_dp(peft_model, cfg.privacy) if cfg.privacy.enabled else None
-        _RUNTIMES[key] = SiteRuntime(peft_model, tok, gsm)
+        _RUNTIMES[key] = SiteRuntime(peft_model, tok, gsm, scheme, rank, own_init)
     return _RUNTIMES[key]
+
+
+def load_global(rt: SiteRuntime, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Make the site's model the global one (stack: merged into the base weights, fresh
+    adapter on top); returns the trainable tensors as loaded."""
+    g = from_record(arrays)
+    delta = rt.scheme.base_delta(g)
+    if delta is not None:
+        set_base_delta(rt.peft_model, delta, rt.base_originals)
+    start = rt.scheme.site_start(g, rt.rank, rt.own_init)
+    load_adapter_state(rt.peft_model, start)
+    return start
 
 
 def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime) -> SiteData:
@@ -139,11 +179,11 @@ def save_ledger(cfg: RunConfig, context: Context, site: int, ledger: PrivacyLedg
 
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool = True) -> Message:
-    rt = runtime_for(cfg)
     site = site_id(context)
+    rt = runtime_for(cfg, site_rank(cfg, context, site))
     data = site_data(cfg, context, rt)
     train_ds = data.train
-    load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
+    load_global(rt, msg.content["arrays"])
     server_round = int(msg.content["config"]["server-round"])
 
     dp, noise, rate = None, 0.0, 0.0
@@ -165,6 +205,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
         dp=dp,
         grad_sample_module=rt.grad_sample_module,
         progress=bar.step if bar else None,
+        proximal_mu=cfg.strategy.proximal_mu,
     )
     if bar:
         bar.close()
@@ -176,6 +217,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
         {
             "num-examples": len(train_ds),
             "site": site,
+            "lora_r": rt.rank,
             "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
             # the enforcing accountant's figure, and both accountants' for comparison
             "epsilon": eps[cfg.privacy.accountant],
@@ -195,10 +237,10 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    rt = runtime_for(cfg)
     site = site_id(context)
+    rt = runtime_for(cfg, site_rank(cfg, context, site))
     eval_ds = site_data(cfg, context, rt).eval
-    load_adapter_state(rt.peft_model, from_record(msg.content["arrays"]))
+    load_global(rt, msg.content["arrays"])
     loss = evaluate_loss(rt.peft_model, eval_ds, cfg.train.eval_batch_size, rt.tokenizer.pad_token_id)
     metrics = MetricRecord({"num-examples": len(eval_ds), "site": site, "eval_loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -141,6 +141,7 @@ def train_local(
     dp: DPContext | None = None,
     grad_sample_module=None,
     progress=None,
+    proximal_mu: float = 0.0,
 ) -> TrainStats:
     """Run `cfg.local_steps` optimizer steps on this site's data.
 
@@ -148,9 +149,15 @@ def train_local(
     to `max_grad_norm`, Gaussian noise, and its accountant appends this round's steps to
     the site's ledger. `grad_sample_module` is a GradSampleModule around `peft_model`
     that the caller keeps across rounds (wrapping adds hooks; once is enough).
+
+    With `proximal_mu` (FedProx), every step also pulls the parameters toward where they
+    started, w <- w - lr * mu * (w - w_start): applied after the (private) step, it never
+    touches the data, so it adds nothing to the privacy cost, and Opacus's per-sample
+    gradients (which would drop a loss-side proximal term) are not involved.
     """
     start = time.perf_counter()
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -206,6 +213,10 @@ def train_local(
             # with physical batches, Opacus skips the step until its logical batch is complete
             if getattr(optimizer, "_is_last_step_skipped", False):
                 continue
+            if anchors is not None:
+                with torch.no_grad():
+                    for p, a in zip(params, anchors):
+                        p.sub_(cfg.lr * proximal_mu * (p - a))
             steps += 1
             if progress is not None:
                 progress(losses[-1] if losses else float("nan"))

@@ -149,7 +149,8 @@ class LoraStrategy(FedAvg):
             self.recorder.eval_reply(server_round, msg.metadata.src_node_id, dict(msg.content.metric_records["metrics"]))
             valid.append(msg)
         self.recorder.round_finished(server_round)
-        if not valid:
+        valid = [m for m in valid if m.content.metric_records["metrics"].get(WEIGHT_KEY, 0) > 0]
+        if not valid:  # e.g. every held-out example was too long and dropped
             return None
         return self.evaluate_metrics_aggr_fn([m.content for m in valid], WEIGHT_KEY)
 

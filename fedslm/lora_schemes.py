@@ -108,7 +108,8 @@ class Scheme:
     def combine(self, g: Tensors, updates: list[SiteUpdate], rule: str, trim: float) -> tuple[Tensors, dict[str, Terms]]:
         """(next global, its effective update per layer) from the round's valid updates."""
         weights = [u.weight for u in updates]
-        new = {k: reduce_arrays([u.tensors[k] for u in updates], weights, rule, trim) for k in updates[0].tensors}
+        # in the global's key order: Flower's FedAvgM pairs arrays by position
+        new = {k: reduce_arrays([u.tensors[k] for u in updates], weights, rule, trim) for k in g}
         return new, self.update_terms({**g, **new}, self.rank)
 
 

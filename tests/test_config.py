@@ -92,8 +92,35 @@ def test_bad_value_names_key_and_allowed(override, key):
 
 
 def test_bad_strategy_lists_allowed_values():
-    with pytest.raises(ConfigError, match="allowed values: ffa"):
+    with pytest.raises(ConfigError, match="allowed values: fedavg, ffa, exact, stack"):
         to_run_config_object(_compose(["strategy.name=fedsgd"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["strategy=ffa", "lora.site_ranks=[8,4,8]"], "heterogeneous ranks need strategy=exact or strategy=stack"),
+        (["strategy=exact", "lora.site_ranks=[8,4]"], "give one per site"),
+        (["strategy=exact", "lora.site_ranks=[8,16,8]"], "lora.r is the global rank"),
+        (["strategy=exact", "strategy.server_optimizer=fedadam"], "use strategy=ffa or fedavg"),
+        (["strategy=stack", "strategy.aggregator=median"], "has no stacked form"),
+        (["strategy=exact", "privacy.client_level=true"], "clip arrays of one fixed shape"),
+        (["strategy.aggregator=trimmed_mean", "strategy.trim_fraction=0.5"], "strategy.trim_fraction"),
+        (["federation.sites_per_round=9"], "federation.sites_per_round"),
+        (["strategy.server_optimizer=adamw"], "allowed values: none, fedavgm, fedadam, fedyogi"),
+    ],
+)
+def test_strategy_combinations_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_run_config_object(_compose(overrides))
+
+
+def test_strategy_presets_and_heterogeneous_ranks_compose():
+    cfg = to_run_config_object(_compose(["strategy=exact", "lora.site_ranks=[8,4,2]"]))
+    assert cfg.strategy.name == "exact" and cfg.lora.site_ranks == [8, 4, 2]
+    cfg = to_run_config_object(_compose(["strategy=fedavg", "strategy.server_optimizer=fedyogi"]))
+    assert cfg.strategy.server_optimizer == "fedyogi"
+    assert from_run_config(to_run_config(cfg)) == cfg  # survives Flower's flat run_config
 
 
 def test_all_problems_reported_at_once():

@@ -9,7 +9,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from fedslm.adapter import attach_lora
+from fedslm.adapter import adapter_state, attach_lora
 from fedslm.config import PrivacyConfig
 from fedslm.data.clinic import generate_site
 from fedslm.data.tokenize import TokenizedDataset, make_collate
@@ -177,7 +177,8 @@ def test_calibration_covers_the_expected_participation():
     from fedslm.privacy import expected_rounds
 
     assert expected_rounds(FederationConfig(rounds=5, fraction_train=1.0)) == 5
-    assert expected_rounds(FederationConfig(rounds=5, fraction_train=0.5)) == 3
+    assert expected_rounds(FederationConfig(rounds=5, fraction_train=0.5)) == 4  # 2 of 3 sites a round
+    assert expected_rounds(FederationConfig(sites=10, rounds=6, sites_per_round=5)) == 3
     assert expected_rounds(FederationConfig(rounds=2, fraction_train=0.1)) == 1
 
 
@@ -231,3 +232,20 @@ def test_grad_sample_modes_give_the_same_private_update_as_hooks(tiny, tiny_cfg,
         results.append([p.detach().clone() for p in _trainable(pm)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_proximal_term_pulls_toward_the_global_adapter(tiny_cfg):
+    """FedProx: lr * mu = 1 pins every step to the start; mu = 0 moves freely; in between
+    the drift shrinks."""
+    model, tok = load_base_model(resolve_model_dir(tiny_cfg.model))
+    ds = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 1024)
+    drift = {}
+    for mu in (0.0, 0.5 / tiny_cfg.train.lr, 1.0 / tiny_cfg.train.lr):
+        pm = attach_lora(copy.deepcopy(model), tiny_cfg.lora, freeze_a=True)
+        start = adapter_state(pm)
+        train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=0, proximal_mu=mu)
+        end = adapter_state(pm)
+        drift[mu] = sum(float((end[k] - start[k]).norm() ** 2) for k in start) ** 0.5
+    lo, mid, hi = sorted(drift)
+    assert drift[lo] > drift[mid] > 0
+    assert drift[hi] < 1e-6

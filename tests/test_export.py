@@ -18,18 +18,21 @@ def test_merged_model_matches_base_plus_adapter(tiny_cfg, tmp_path):
     base, tok = load_base_model(model_dir)
     pm = attach_lora(base, tiny_cfg.lora, freeze_a=True)
     torch.manual_seed(0)
-    tensors = {k: torch.randn_like(v) * 0.05 for k, v in adapter_state(pm).items()}
+    # the peft view of an FFA global: the seed's A, a trained B
+    tensors = {k: v if ".lora_A." in k else torch.randn_like(v) * 0.05
+               for k, v in adapter_state(pm, trainable_only=False).items()}
+    rank, alpha = tiny_cfg.lora.r, tiny_cfg.lora.alpha
     privacy = {"level": "sample", "epsilon_per_site": {"0": 7.5}, "delta": 1e-5, "target_epsilon": 8.0,
                "rounds": 3, "sites": 3, "accountant": "rdp", "max_grad_norm": 1.0,
                "noise_multiplier_per_site": {"0": 0.5}}
     prompts = ["Is this the flu?", "My ankle is swollen."]
-    info = export_merged(model_dir, tiny_cfg, tensors, tmp_path / "model", prompts, privacy)
+    info = export_merged(model_dir, tiny_cfg, tensors, rank, alpha, tmp_path / "model", prompts, privacy)
     print(f"merge max |logit diff| = {info['merge_max_abs_diff']:.3e}")
     assert info["merge_max_abs_diff"] < 1e-5
 
     # independent check: plain transformers load vs the unmerged adapter model
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    adapted, _ = build_adapted(model_dir, tiny_cfg, tensors)
+    adapted, _ = build_adapted(model_dir, tiny_cfg, tensors, rank, alpha)
     plain, _ = load_base_model(model_dir)
     ids = tok(chat_prompt(tok, "What helps with acne?"), return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():

@@ -15,7 +15,7 @@ from fedslm.privacy import BudgetExceededError
 from fedslm.site import handle_evaluate, handle_train, runtime_for
 from fedslm.transport import to_record
 
-TRAIN_METRICS = {"num-examples", "site", "train_loss", "epsilon", "epsilon_rdp", "epsilon_prv",
+TRAIN_METRICS = {"num-examples", "site", "lora_r", "train_loss", "epsilon", "epsilon_rdp", "epsilon_prv",
                  "noise_multiplier", "sample_rate",
                  "steps_total", "steps", "examples_seen", "train_seconds", "truncated"}
 
@@ -129,3 +129,29 @@ def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp
     assert metrics["site"] == 5 and metrics["num-examples"] == 36  # 40 rows, 10% held out
     flat = repr(reply.content)
     assert str(path) not in flat and "Is 3 a number" not in flat
+
+
+def test_site_trains_the_rank_its_node_config_sets(tiny_cfg, flower_identity):
+    """A deployed site with less hardware sets --node-config lora-r=2: under exact it trains
+    and sends rank 2 (the leading components of the global); under ffa it refuses."""
+    from fedslm.config import ConfigError
+    from fedslm.lora_schemes import make_scheme
+
+    with pytest.raises(ConfigError, match="heterogeneous ranks need strategy=exact or stack"):
+        handle_train(_message(tiny_cfg, "train"), _context(**{"lora-r": 2}), tiny_cfg, progress=False)
+    with pytest.raises(ConfigError, match="the global rank"):
+        handle_train(_message(tiny_cfg, "train"), _context(**{"lora-r": 99}), tiny_cfg, progress=False)
+
+    tiny_cfg.strategy.name = "exact"
+    model, _ = load_base_model(resolve_model_dir(tiny_cfg.model))
+    full = adapter_state(attach_lora(model, tiny_cfg.lora, freeze_a=False), trainable_only=False)
+    g = make_scheme("exact", full, tiny_cfg.lora.r, tiny_cfg.lora.alpha).initial_global()
+    msg = Message(RecordDict({"arrays": to_record(g), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=11, message_type="train")
+    reply = handle_train(msg, _context(**{"lora-r": 2}), tiny_cfg, progress=False)
+    arrays, metrics = reply.content.array_records["arrays"], reply.content.metric_records["metrics"]
+    assert metrics["lora_r"] == 2
+    for key, arr in arrays.items():
+        full_shape = tuple(g[key].shape)
+        want = (2, full_shape[1]) if ".lora_A." in key else (full_shape[0], 2)
+        assert tuple(arr.shape) == want

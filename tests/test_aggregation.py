@@ -119,6 +119,18 @@ def test_median_ignores_one_wild_site_and_the_mean_does_not():
         assert float(median[k].abs().max()) <= honest and float(trimmed[k].abs().max()) <= honest
         assert float(mean[k].abs().max()) > 10 * honest
 
+    # exact: the rule acts on the dense effective updates, then the SVD re-factors
+    scheme = make_scheme("exact", synthetic_init(), RANK, ALPHA)
+    g = scheme.initial_global()
+    updates = [SiteUpdate(trained(scheme, g, RANK, i), RANK, 1.0) for i in range(5)]
+    attacked = [SiteUpdate({k: v * 1000 for k, v in updates[0].tensors.items()}, RANK, 1.0)] + updates[1:]
+    honest = {layer: max(float(dense(scheme.update_terms(u.tensors, u.rank)[layer]).abs().max()) for u in updates)
+              for layer in LAYERS}
+    new, _ = scheme.combine(g, attacked, "median", 0.0)
+    for layer in LAYERS:
+        got = dense(scheme.update_terms(new, RANK)[layer])
+        assert float(got.abs().max()) < 2 * honest[layer]
+
 
 # --- the Flower strategy ----------------------------------------------------------------
 

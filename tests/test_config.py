@@ -115,6 +115,15 @@ def test_strategy_combinations_that_cannot_work_are_refused(overrides, message):
         to_run_config_object(_compose(overrides))
 
 
+def test_privacy_presets_bring_their_recipe_and_the_command_line_wins():
+    dp = to_run_config_object(_compose([]))
+    assert dp.privacy.enabled and dp.train.lr == 0.1 and dp.lora.target_modules == ["q_proj", "v_proj"]
+    none = to_run_config_object(_compose(["privacy=none"]))
+    assert not none.privacy.enabled and none.train.lr == 0.01 and len(none.lora.target_modules) == 7
+    mine = to_run_config_object(_compose(["train.lr=0.05", "lora.target_modules=[q_proj]"]))
+    assert mine.train.lr == 0.05 and mine.lora.target_modules == ["q_proj"] and mine.privacy.enabled
+
+
 def test_strategy_presets_and_heterogeneous_ranks_compose():
     cfg = to_run_config_object(_compose(["strategy=exact", "lora.site_ranks=[8,4,2]"]))
     assert cfg.strategy.name == "exact" and cfg.lora.site_ranks == [8, 4, 2]

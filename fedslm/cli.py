@@ -37,6 +37,35 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedslm import quiet
+    from fedslm.export import ParityError, export_run
+
+    quiet.silence_known_noise()
+    try:
+        info = export_run(args.run_dir, args.out, dtype=args.dtype, server_round=args.round)
+    except (FileNotFoundError, ParityError, ValueError) as err:
+        print(f"fedslm export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['model_dir']} from {info['adapter']}: merge parity (fp32) max |logit diff| "
+          f"{info['merge_max_abs_diff']:.2e}; as {info['dtype']}: {info['dtype_max_abs_diff']:.2e}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedslm import quiet
+    from fedslm.generate import NotAModelError, stream_answer
+
+    quiet.silence_known_noise()
+    try:
+        stream_answer(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, system_prompt=args.system)
+    except NotAModelError as err:
+        print(f"fedslm generate: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedslm import __version__
 
@@ -59,6 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--candidates", type=int, default=100, help="random secrets each canary is ranked against")
     a.add_argument("--max-examples", type=int, default=200, help="members and non-members for membership inference")
     a.set_defaults(func=_audit)
+
+    e = sub.add_parser("export", help="merge a run's global adapter into its base model (a standalone HF directory)")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True, help="directory to write the model to")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    e.add_argument("--round", type=int, default=None, help="export this round's adapter (default: the last)")
+    e.set_defaults(func=_export)
+
+    g = sub.add_parser("generate", help="answer one prompt with a model directory, streaming the tokens")
+    g.add_argument("model_dir")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--system", default=None, help="system prompt")
+    g.set_defaults(func=_generate)
 
     args = parser.parse_args(argv)
     return args.func(args)

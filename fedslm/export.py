@@ -15,8 +15,13 @@ from fedslm.data.tokenize import chat_prompt
 from fedslm.model import load_base_model
 
 # fp32 merge changes the summation order of W x + B A x; on SmolLM2 (logits of order 10)
-# that moves logits by ~1e-4. A wrong merge moves them by whole units.
+# that moves logits by ~1e-4. A wrong merge moves them by whole units. Half precision
+# rounds every weight (fp16: 11-bit, bf16: 8-bit mantissa): measured on SmolLM2, the cast
+# alone moves logits by 0.16 (fp16) and 1.2 (bf16), so the merge itself is always checked
+# in fp32 and the cast against a looser bound of its own.
 PARITY_TOL_FP32 = 1e-3
+PARITY_TOL = {"fp32": PARITY_TOL_FP32, "fp16": 0.5, "bf16": 2.5}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ParityError(RuntimeError):
@@ -36,22 +41,25 @@ def build_adapted(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tens
 
 @torch.no_grad()
 def merge_parity(peft_model, merged, tok, prompts: list[str]) -> float:
-    """Max |logit difference| between base+adapter and the merged model."""
+    """Max |logit difference| between base+adapter (fp32) and the merged model (any dtype)."""
     worst = 0.0
     for p in prompts:
         ids = tok(chat_prompt(tok, p), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        a = peft_model(input_ids=ids).logits
-        b = merged(input_ids=ids).logits
+        a = peft_model(input_ids=ids).logits.float()
+        b = merged(input_ids=ids).logits.float()
         worst = max(worst, (a - b).abs().max().item())
     return worst
 
 
 def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor], rank: int, alpha: float,
-                  out_dir: Path, parity_prompts: list[str], privacy: dict) -> dict:
-    """Write the merged model, the adapter alone (PEFT format) and the model card."""
+                  out_dir: Path, parity_prompts: list[str], privacy: dict, dtype: str = "fp32",
+                  adapter_dir: Path | None = None) -> dict:
+    """Write the merged model (in `dtype`), the adapter alone (PEFT format, by default
+    beside the model) and the model card; refuse if the merged model's logits drift from
+    base + adapter (fp32) by more than the dtype's tolerance."""
     out_dir = Path(out_dir)
     peft_model, tok = build_adapted(model_dir, cfg, tensors, rank, alpha)
-    peft_model.save_pretrained(out_dir.parent / "adapter")  # for users who keep the base
+    peft_model.save_pretrained(adapter_dir or out_dir.parent / "adapter")  # for users who keep the base
     full_adapter = adapter_state(peft_model, trainable_only=False)
 
     # merge into a fresh copy so the adapter model stays intact for the parity check
@@ -61,20 +69,70 @@ def export_merged(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tens
     diff = merge_parity(peft_model, merged, tok, parity_prompts)
     if diff > PARITY_TOL_FP32:
         raise ParityError(f"merged model differs from base+adapter by {diff:.2e} > {PARITY_TOL_FP32:.0e}")
+    cast_diff = diff
+    if dtype != "fp32":
+        merged = merged.to(DTYPES[dtype])
+        cast_diff = merge_parity(peft_model, merged, tok, parity_prompts)
+        if cast_diff > PARITY_TOL[dtype]:
+            raise ParityError(f"the {dtype} copy differs from base+adapter (fp32) by {cast_diff:.2e} > "
+                              f"{PARITY_TOL[dtype]:g}; nothing was written (try --dtype fp32)")
     merged.config.use_cache = True
     merged.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     (out_dir / "training_config.json").write_text(json.dumps(to_run_config(cfg), indent=2))
     (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
-    (out_dir / "README.md").write_text(model_card(cfg, privacy, diff, len(full_adapter), rank))
-    return {"merge_max_abs_diff": diff, "model_dir": str(out_dir)}
+    (out_dir / "README.md").write_text(model_card(cfg, privacy, diff, len(full_adapter), rank, dtype, cast_diff))
+    return {"merge_max_abs_diff": diff, "model_dir": str(out_dir), "dtype": dtype, "dtype_max_abs_diff": cast_diff}
+
+
+def latest_adapter(run_dir: Path, server_round: int | None = None) -> Path:
+    """adapters/round_NNN.safetensors of `server_round`, or of the last round saved."""
+    found = sorted((Path(run_dir) / "adapters").glob("round_*.safetensors"))
+    if server_round is not None:
+        found = [p for p in found if p.name == f"round_{server_round:03d}.safetensors"]
+    if not found:
+        which = f"round {server_round}" if server_round is not None else "any round"
+        raise FileNotFoundError(f"{run_dir}: no global adapter for {which} in adapters/; "
+                                "give a run directory of a federation that finished at least one round")
+    return found[-1]
+
+
+def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", server_round: int | None = None) -> dict:
+    """`fedslm export`: merge a run's global adapter into its base model, as a standalone
+    Hugging Face directory with the adapter (PEFT) in out_dir/adapter and the model card."""
+    from safetensors import safe_open
+
+    from fedslm.checkpoint import load_adapter
+    from fedslm.config import from_run_config, validate
+    from fedslm.data.clinic import demo_question
+    from fedslm.model import resolve_model_dir
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run_config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fedslm run directory (no run_config.json); give the "
+                                "directory a federation wrote (it holds summary.json and adapters/)")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    cfg = validate(from_run_config(json.loads((run_dir / "run_config.json").read_text())))
+    path = latest_adapter(run_dir, server_round)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    rank, alpha = int(meta.get("rank", cfg.lora.r)), float(meta.get("alpha", cfg.lora.alpha))
+    privacy_file = run_dir / "privacy.json"
+    privacy = json.loads(privacy_file.read_text()) if privacy_file.is_file() else {"level": "none"}
+    prompts = [demo_question(cfg.seed)["prompt"], "What should I do about a cough?"]
+    out_dir = Path(out_dir)
+    info = export_merged(resolve_model_dir(cfg.model), cfg, load_adapter(path), rank, alpha, out_dir, prompts,
+                         privacy, dtype=dtype, adapter_dir=out_dir / "adapter")
+    return {**info, "adapter": str(path)}
 
 
 def _rounded(per_site: dict) -> str:
     return ", ".join(f"site {k} {v:.2f}" for k, v in per_site.items())
 
 
-def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int, rank: int) -> str:
+def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int, rank: int, dtype: str = "fp32",
+               cast_parity: float | None = None) -> str:
     level = privacy.get("level", "none")
     if level.startswith("sample"):
         eps = max(privacy["epsilon_per_site"].values(), default=0.0)
@@ -122,7 +180,8 @@ then merged into the base weights ({n_tensors} adapter tensors).
 {scope}
 
 ## Checks
-Merged model vs base + adapter: max |logit difference| = {parity:.2e} on held-out prompts.
+Merged model vs base + adapter: max |logit difference| = {parity:.2e} on held-out prompts (fp32).
+Weights stored as {dtype}{f"; that copy vs base + adapter (fp32): {cast_parity:.2e}" if dtype != "fp32" and cast_parity is not None else ""}.
 
 ## Files
 `model.safetensors` + `config.json` + tokenizer: load with

@@ -31,3 +31,17 @@ def to_run_config_object(cfg: DictConfig) -> RunConfig:
     if not isinstance(run_cfg, RunConfig):  # composed without the schema
         run_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
     return validate(run_cfg)
+
+
+def compose_run_config(overrides: list[str] | None = None) -> RunConfig:
+    """The RunConfig a `simulations.run` with these overrides would use, composed outside
+    a Hydra app (CLI tools, tests). The run directory is Hydra's only at app run time, so
+    it defaults to outputs/latest here."""
+    from hydra import compose, initialize_config_dir
+
+    register_schema()
+    overrides = list(overrides or [])
+    if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in overrides):
+        overrides.append("output_dir=outputs/latest")
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return to_run_config_object(compose(config_name="config", overrides=overrides))

@@ -128,7 +128,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     # How Opacus gets per-sample gradient norms: hooks (per-sample gradients from layer
-    # hooks), functorch (vmap), ghost (norms without materialising per-sample gradients).
+    # hooks), functorch (vmap), ghost (norms without materialising per-sample gradients),
+    # lora (fedslm's own: LoRA factors compute per-sample gradients in their backward,
+    # with no hooks and no wasted summed gradient; same clipping, noise and accounting).
     grad_sample_mode: str = "hooks"
     # A site whose data is too small would need more noise than this to meet the target:
     # it stops with a message saying how many examples it needs instead of training on noise.
@@ -205,6 +207,9 @@ class RunConfig:
     output_dir: str = "outputs/latest"
     export_model: bool = True
     demo_answer: bool = True
+    # Continue the run in output_dir from its last saved round (global adapter, server
+    # optimiser state, round number, the record so far) after the coordinator restarted.
+    resume: bool = False
 
 
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
@@ -215,7 +220,7 @@ ALLOWED = {
     "data.partitioner": ("iid", "dirichlet", "natural", "natural_sample"),
     "privacy.accountant": ("rdp", "prv"),
     "privacy.client_clipping": ("fixed", "adaptive"),
-    "privacy.grad_sample_mode": ("hooks", "functorch", "ghost"),
+    "privacy.grad_sample_mode": ("hooks", "functorch", "ghost", "lora"),
     "federation.transport_dtype": ("float32", "float16"),
     "strategy.name": ("fedavg", "ffa", "exact", "stack"),
     "strategy.aggregator": ("mean", "median", "trimmed_mean"),
@@ -322,6 +327,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(f.cpus_per_site > 0, "federation.cpus_per_site", "must be > 0")
     need(f.ray_cpus >= 0, "federation.ray_cpus", "must be >= 0 (0 = all cores)")
     need(f.timeout_s > 0, "federation.timeout_s", "must be > 0")
+    # whether output_dir holds a run to continue is the server's check (sites validate
+    # this config too, and never see the coordinator's disk)
+    need(not cfg.resume or bool(cfg.output_dir), "resume", "needs output_dir: the directory of the run to continue")
 
     if problems:
         raise ConfigError(problems)

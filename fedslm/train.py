@@ -116,11 +116,21 @@ class DPContext:
 
 
 def wrap_for_dp(peft_model, cfg: PrivacyConfig):
-    """The Opacus wrapper for `cfg.grad_sample_mode`; callers keep it across rounds."""
+    """The Opacus wrapper for `cfg.grad_sample_mode`; callers keep it across rounds.
+    `lora` is fedslm's own per-sample path for LoRA factors (fedslm.lora_grad_sample)."""
     from opacus.grad_sample.utils import prepare_module
 
+    if cfg.grad_sample_mode == "lora":
+        from fedslm.lora_grad_sample import wrap_lora_for_dp
+
+        return wrap_lora_for_dp(peft_model)
     kwargs = {"max_grad_norm": cfg.max_grad_norm} if cfg.grad_sample_mode == "ghost" else {}
     return prepare_module(peft_model, cfg.grad_sample_mode, True, **kwargs)
+
+
+def _opacus_mode(mode: str) -> str:
+    # the lora path fills grad_sample itself; Opacus only clips, noises and accounts
+    return "no_op" if mode == "lora" else mode
 
 
 class _PerSequenceLoss:
@@ -179,7 +189,7 @@ def train_local(
             max_grad_norm=dp.cfg.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_gen,
-            grad_sample_mode=dp.cfg.grad_sample_mode,
+            grad_sample_mode=_opacus_mode(dp.cfg.grad_sample_mode),
             **({"criterion": _PerSequenceLoss()} if ghost else {}),
         )
         optimizer, loader = private[1], private[-1]

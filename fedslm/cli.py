@@ -43,12 +43,16 @@ def _export(args: argparse.Namespace) -> int:
 
     quiet.silence_known_noise()
     try:
-        info = export_run(args.run_dir, args.out, dtype=args.dtype, server_round=args.round)
+        info = export_run(args.run_dir, args.out, dtype=args.dtype, server_round=args.round, int8=args.int8)
     except (FileNotFoundError, ParityError, ValueError) as err:
         print(f"fedslm export: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {info['model_dir']} from {info['adapter']}: merge parity (fp32) max |logit diff| "
-          f"{info['merge_max_abs_diff']:.2e}; as {info['dtype']}: {info['dtype_max_abs_diff']:.2e}")
+    print(f"wrote {info['model_dir']} ({info['bytes'] / 1e6:.1f} MB) from {info['adapter']}: merge parity (fp32) "
+          f"max |logit diff| {info['merge_max_abs_diff']:.2e}; as {info['dtype']}: {info['dtype_max_abs_diff']:.2e}")
+    if "int8" in info:
+        r = info["int8"]
+        print(f"int8 copy in {r['int8_dir']}: {r['int8_bytes'] / 1e6:.1f} MB vs {r['fp16_bytes'] / 1e6:.1f} MB fp16; "
+              f"held-out answer loss {r['int8_loss']:.4f} vs {r['fp16_loss']:.4f} fp16 ({r['examples']} examples)")
     return 0
 
 
@@ -64,6 +68,45 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"fedslm generate: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fedslm import quiet
+    from fedslm.data.errors import DataError
+    from fedslm.evaluate import EvalError, evaluate_command
+    from fedslm.generate import NotAModelError
+
+    quiet.silence_known_noise()
+    try:
+        evaluate_command(args.model_dir, data=args.data, task=args.task, split=args.split, overrides=args.overrides,
+                         limit=args.limit, choices=args.choices.split(",") if args.choices else None,
+                         baseline=args.baseline, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         out=args.out)
+    except (NotAModelError, EvalError, DataError, ValueError, FileNotFoundError) as err:
+        print(f"fedslm evaluate: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from fedslm import quiet
+    from fedslm.generate import NotAModelError, chat
+
+    quiet.silence_known_noise()
+    try:
+        chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+             system_prompt=args.system)
+    except NotAModelError as err:
+        print(f"fedslm chat: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--system", default=None, help="system prompt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,16 +137,39 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True, help="directory to write the model to")
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     e.add_argument("--round", type=int, default=None, help="export this round's adapter (default: the last)")
+    e.add_argument("--int8", action="store_true", help="also write a weight-only int8 copy (out/int8) and compare "
+                   "its size and held-out loss with fp16")
     e.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="answer one prompt with a model directory, streaming the tokens")
     g.add_argument("model_dir")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--system", default=None, help="system prompt")
+    _sampling_options(g)
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="a multi-turn conversation with a model directory in the terminal")
+    c.add_argument("model_dir")
+    _sampling_options(c)
+    c.set_defaults(func=_chat)
+
+    v = sub.add_parser("evaluate", help="perplexity, choice accuracy or generation match of a model on held-out data")
+    v.add_argument("model_dir")
+    v.add_argument("--data", default=None,
+                   help="a data preset of conf/data (banking77, pubmedqa, medquad, clinic), a data file, or a run "
+                        "directory; default: the data the model was trained on (its training_config.json)")
+    v.add_argument("--task", default="perplexity", help="perplexity | choice | generate")
+    v.add_argument("--split", default="eval", choices=["eval", "all"],
+                   help="eval: the held-out rows of every site, as the federation split them; all: every row")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, as for simulate (e.g. data.shape=classification); repeatable")
+    v.add_argument("--limit", type=int, default=0, help="score at most this many examples (0 = all)")
+    v.add_argument("--choices", default=None, help="comma-separated options for --task choice (default: the labels)")
+    v.add_argument("--baseline", default=None, help="a model directory to score the same way, or 'base' for the "
+                   "base model of the training config; printed side by side")
+    v.add_argument("--max-new-tokens", type=int, default=32, help="generate task")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--out", default=None, help="where to write eval.json (default: MODEL_DIR/eval.json)")
+    v.set_defaults(func=_evaluate)
 
     args = parser.parse_args(argv)
     return args.func(args)

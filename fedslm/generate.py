@@ -19,6 +19,11 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 64, system_pro
     """Greedy (temperature 0) or sampled answer; `streamer` receives tokens as they come."""
     ids = tokenizer(chat_prompt(tokenizer, question, system_prompt), return_tensors="pt", add_special_tokens=False)
     model.eval()
+    return _generate_ids(model, tokenizer, ids, max_new_tokens, temperature, top_p, streamer)
+
+
+@torch.no_grad()
+def _generate_ids(model, tokenizer, ids, max_new_tokens: int, temperature: float, top_p: float, streamer) -> str:
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     out = model.generate(
         **ids,
@@ -31,15 +36,22 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 64, system_pro
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def load_model_dir(model_dir: str | Path):
-    """(model, tokenizer) of a Hugging Face model directory, or NotAModelError saying why not."""
-    from fedslm.model import load_base_model
-
+def check_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise NotAModelError(f"{path} is not a model directory (no config.json); give a directory written by "
                              "`fedslm export` or a run's model/ directory")
-    return load_base_model(path)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise NotAModelError(f"{path} has a config.json but no weights (*.safetensors); was the export interrupted? "
+                             "Export it again")
+    return path
+
+
+def load_model_dir(model_dir: str | Path):
+    """(model, tokenizer) of a Hugging Face model directory, or NotAModelError saying why not."""
+    from fedslm.model import load_base_model
+
+    return load_base_model(check_model_dir(model_dir))
 
 
 def stream_answer(model_dir: str | Path, question: str, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -50,3 +62,33 @@ def stream_answer(model_dir: str | Path, question: str, max_new_tokens: int = 12
     model, tok = load_model_dir(model_dir)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     return answer(model, tok, question, max_new_tokens, system_prompt, temperature, top_p, streamer=streamer)
+
+
+def chat(model_dir: str | Path, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.9,
+         system_prompt: str | None = None, read=input, write=print) -> list[dict]:
+    """`fedslm chat`: a multi-turn conversation; the whole history goes through the chat
+    template each turn. An empty line, /exit or end of input ends it; /reset forgets."""
+    from transformers import TextStreamer
+
+    model, tok = load_model_dir(model_dir)
+    model.eval()
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    start = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    history = list(start)
+    write(f"chatting with {model_dir} (empty line or /exit to quit, /reset to start over)")
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:
+            break
+        if line in ("", "/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(start)
+            continue
+        history.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        reply = _generate_ids(model, tok, ids, max_new_tokens, temperature, top_p, streamer)
+        history.append({"role": "assistant", "content": reply})
+    return history

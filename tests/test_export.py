@@ -101,3 +101,26 @@ def test_generate_streams_an_answer_and_refuses_a_non_model(tiny_cfg, tmp_path, 
     assert isinstance(sampled, str)
     assert main(["generate", str(tmp_path), "Hello?"]) == 2
     assert "is not a model directory" in capsys.readouterr().err
+
+
+def test_int8_copy_loads_runs_and_is_measured_against_fp16(tiny_cfg, tmp_path, capsys):
+    from fedslm.cli import main
+
+    tiny_cfg.model.tiny.hidden_size = 128  # int8 pays off when linear weights dominate
+    tiny_cfg.model.tiny.intermediate_size = 512
+    run, _ = _run_dir(tiny_cfg, tmp_path)
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out), "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 copy in" in printed and "held-out answer loss" in printed
+
+    q = AutoModelForCausalLM.from_pretrained(out / "int8")  # plain transformers (+ torchao) load
+    assert "Int8" in type(q.model.layers[0].mlp.up_proj.weight).__name__
+    fp = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 40, 41, 42, 7]])
+    with torch.no_grad():
+        diff = (q(input_ids=ids).logits - fp(input_ids=ids).logits).abs().max().item()
+    assert 0 < diff < 0.1  # quantised, and close
+    assert sum(p.stat().st_size for p in (out / "int8").glob("*.safetensors")) < \
+        0.75 * sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert "## int8 copy" in (out / "README.md").read_text()

@@ -194,6 +194,20 @@ class StrategyConfig:
 
 
 @dataclass
+class ServerEvalConfig:
+    """The server scores each round's global adapter on a held-out set of its own
+    (`fedslm evaluate`'s tasks). Off by default: it costs a model pass per round."""
+
+    # none | perplexity | choice | generate
+    task: str = "none"
+    # a data preset of conf/data, a file, or None for the run's data (simulation: the
+    # sites' held-out rows, as the sites split them; deployment: give a server-side file)
+    data: Optional[str] = None
+    split: str = "eval"  # eval (held-out rows) | all (every row of `data`)
+    limit: int = 64  # examples scored per round (0 = all)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -202,6 +216,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    server_eval: ServerEvalConfig = field(default_factory=ServerEvalConfig)
     seed: int = 0
     # Where the server writes the run (Hydra sets it to its run dir).
     output_dir: str = "outputs/latest"
@@ -225,6 +240,8 @@ ALLOWED = {
     "strategy.name": ("fedavg", "ffa", "exact", "stack"),
     "strategy.aggregator": ("mean", "median", "trimmed_mean"),
     "strategy.server_optimizer": ("none", "fedavgm", "fedadam", "fedyogi"),
+    "server_eval.task": ("none", "perplexity", "choice", "generate"),
+    "server_eval.split": ("eval", "all"),
 }
 
 
@@ -327,6 +344,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(f.cpus_per_site > 0, "federation.cpus_per_site", "must be > 0")
     need(f.ray_cpus >= 0, "federation.ray_cpus", "must be >= 0 (0 = all cores)")
     need(f.timeout_s > 0, "federation.timeout_s", "must be > 0")
+    need(cfg.server_eval.limit >= 0, "server_eval.limit", "must be >= 0 (0 = all)")
     # whether output_dir holds a run to continue is the server's check (sites validate
     # this config too, and never see the coordinator's disk)
     need(not cfg.resume or bool(cfg.output_dir), "resume", "needs output_dir: the directory of the run to continue")

@@ -23,6 +23,7 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg):
     tiny_cfg.federation.rounds = 2
     tiny_cfg.federation.ray_cpus = 2
     tiny_cfg.train.threads = 1
+    tiny_cfg.server_eval.task = "perplexity"  # the server scores the sites' held-out rows too
     summary = simulate(tiny_cfg, echo=lambda *_: None)
     run = Path(tiny_cfg.output_dir)
 
@@ -32,6 +33,9 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg):
     assert 0 < on_disk["epsilon"] <= tiny_cfg.privacy.epsilon
     assert on_disk["eval_loss_final"] < on_disk["eval_loss_initial"]
     assert summary["federation_seconds"] > 0
+    server = on_disk["server_eval_per_round"]
+    assert sorted(server) == ["0", "1", "2"] and server["0"]["server_examples"] == 3 * tiny_cfg.data.eval_examples
+    assert server["2"]["server_loss"] < server["0"]["server_loss"]
 
     # bytes on the wire: B matrices only, fp32, once per site per message
     # each round's file is the global in peft form (A and B); only B crosses the wire

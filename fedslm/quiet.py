@@ -47,10 +47,6 @@ def silence_known_noise() -> None:
     # Hydra sets the root logger to INFO; these libraries then narrate their internals.
     for name in ("alembic", "matplotlib", "filelock", "urllib3", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # torchao (int8 export) tries its CUDA kernels on import and says so per file, and
-    # registers enums with torch's pytree the deprecated way; its CPU int8 path needs neither
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # flwr sets its logger to DEBUG when first imported: import it, then lower it. Its
     # own console handler prints warnings and errors; propagating to Hydra's root handler
     # as well would print each twice.

@@ -6,6 +6,35 @@ import argparse
 import sys
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedslm.certs import PRODUCTION_NOTE, make_certs
+
+    paths = make_certs(args.out_dir, args.host, args.sites)
+    print(f"CA certificate (each site's --root-certificates): {paths.ca_cert}")
+    print(f"SuperLink certificate and key (--ssl-certfile, --ssl-keyfile), for {', '.join(args.host)}: "
+          f"{paths.server_cert}, {paths.server_key}")
+    for site, (private, public) in enumerate(paths.site_keys):
+        print(f"site {site}: private key {private} (--auth-supernode-private-key), public key {public} "
+              "(flwr supernode register)")
+    print(f"NOTE: {PRODUCTION_NOTE}")
+    return 0
+
+
+def _app_config(args: argparse.Namespace) -> int:
+    from fedslm.app_config import differences, write_table
+
+    if args.write:
+        write_table()
+    problems = differences()
+    for line in problems:
+        print(f"pyproject [tool.flwr.app.config] differs from conf/: {line}", file=sys.stderr)
+    if problems:
+        print("run `fedslm app-config --write` to regenerate it", file=sys.stderr)
+        return 1
+    print("pyproject [tool.flwr.app.config] matches the Hydra defaults in conf/")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from fedslm.config import ModelConfig
     from fedslm.model import resolve_model_dir
@@ -171,7 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--out", default=None, help="where to write eval.json (default: MODEL_DIR/eval.json)")
     v.set_defaults(func=_evaluate)
 
+    k = sub.add_parser("certs", help="development CA, SuperLink certificate and per-site node keys for a deployment")
+    k.add_argument("out_dir")
+    k.add_argument("--host", action="append", default=None,
+                   help="the SuperLink's address as the sites dial it (IP or DNS name; repeat for more)")
+    k.add_argument("--sites", type=int, default=2, help="node-authentication key pairs to create")
+    k.set_defaults(func=_certs)
+
+    t = sub.add_parser("app-config", help="check (or --write) pyproject's Flower run config against conf/")
+    t.add_argument("--write", action="store_true")
+    t.set_defaults(func=_app_config)
+
     args = parser.parse_args(argv)
+    if getattr(args, "host", 0) is None:
+        args.host = ["127.0.0.1", "localhost"]
     return args.func(args)
 
 

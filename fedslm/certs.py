@@ -1,0 +1,113 @@
+"""Development certificates for a deployed federation: a CA, the SuperLink's TLS
+certificate, and one node-authentication key pair per site.
+
+For trying a deployment on one machine or a test bed only. A hospital's production
+SuperNode trusts the coordinator's certificate through the hospital's own PKI, and each
+site generates its own key pair on its own machine (the private key never leaves it);
+only the public key goes to the coordinator for `flwr supernode register`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PRODUCTION_NOTE = (
+    "These are development certificates. In production the SuperLink's certificate comes "
+    "from the hospital's own PKI (its CA file is what each site passes as --root-certificates), "
+    "and each site creates its own key pair on its own machine and sends only the .pub file "
+    "to the coordinator."
+)
+
+# flwr checks that node keys are on a NIST curve; P-384 is what its docs use
+NODE_CURVE = ec.SECP384R1()
+
+
+@dataclass
+class CertPaths:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    site_keys: list[tuple[Path, Path]]  # (private OpenSSH key, public OpenSSH key) per site
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedslm development"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(host: str) -> x509.GeneralName:
+    # An IP address must be an IPAddress entry: TLS clients do not match IPs against DNS names
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+    return path
+
+
+def make_certs(out_dir: Path | str, hosts: list[str], sites: int, days: int = 365) -> CertPaths:
+    """Write ca.crt, server.pem, server.key and site-N(.pub) under out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    # a minute of slack: a site whose clock runs slightly behind still accepts the cert
+    start, end = now - dt.timedelta(minutes=1), now + dt.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fedslm development CA")).issuer_name(_name("fedslm development CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = CertPaths(
+        ca_cert=_write(out / "ca.crt", ca_cert.public_bytes(pem)),
+        server_cert=_write(out / "server.pem", server_cert.public_bytes(pem)),
+        server_key=_write(out / "server.key", server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True),
+        site_keys=[],
+    )
+    for site in range(sites):
+        paths.site_keys.append(make_node_keys(out, f"site-{site}"))
+    return paths
+
+
+def make_node_keys(out_dir: Path | str, name: str) -> tuple[Path, Path]:
+    """An EC key pair in the OpenSSH format that flower-supernode
+    (--auth-supernode-private-key) and `flwr supernode register` read."""
+    out = Path(out_dir)
+    key = ec.generate_private_key(NODE_CURVE)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return _write(out / name, private, private=True), _write(out / f"{name}.pub", public + b"\n")

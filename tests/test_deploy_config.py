@@ -1,0 +1,89 @@
+"""Deployment set-up without processes: one set of defaults, and certificates and keys that
+Flower's own loaders accept."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedslm import app_config
+from fedslm.certs import make_certs
+from fedslm.cli import main as cli
+from fedslm.config import RunConfig, from_run_config, validate
+
+
+def test_pyproject_run_config_is_the_hydra_default_run():
+    """Fails when conf/ and pyproject's [tool.flwr.app.config] disagree: regenerate with
+    `fedslm app-config --write`."""
+    assert app_config.differences() == []
+
+
+def test_the_table_parses_back_to_the_simulation_config():
+    table = app_config.pyproject_table()
+    deployed = validate(from_run_config(table))
+    # the DP recipe of conf/privacy/dp.yaml, not the dataclass defaults
+    assert deployed.train.lr == 0.1 and deployed.lora.target_modules == ["q_proj", "v_proj"]
+    assert deployed.train.lr != RunConfig().train.lr
+    assert set(table) == set(app_config.hydra_defaults())  # every key is overridable by flwr run
+
+
+def test_a_drifted_table_is_reported_and_rewritten(tmp_path, monkeypatch):
+    copy = tmp_path / "pyproject.toml"
+    text = app_config.PYPROJECT.read_text()
+    copy.write_text(text.replace('"train.lr" = 0.1', '"train.lr" = 0.005'))
+    assert any(line.startswith("train.lr: pyproject has 0.005") for line in app_config.differences(copy))
+    app_config.write_table(copy)
+    assert app_config.differences(copy) == []
+    # only the table changed: every other section is as it was
+    before, after = tomllib.loads(text), tomllib.loads(copy.read_text())
+    assert after["project"] == before["project"] and after["tool"]["pytest"] == before["tool"]["pytest"]
+    assert after["tool"]["flwr"]["app"]["components"] == before["tool"]["flwr"]["app"]["components"]
+
+
+def test_no_federations_table_for_flwr_to_migrate():
+    """`flwr run`/`flwr supernode register` rewrite a pyproject that still has one."""
+    assert "federations" not in tomllib.loads(app_config.PYPROJECT.read_text())["tool"]["flwr"]
+
+
+def test_certs_are_what_flower_loads(tmp_path, capsys):
+    from flwr.cli.supernode.register import try_load_public_key
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    assert cli(["certs", str(tmp_path), "--host", "127.0.0.1", "--host", "coordinator.example", "--sites", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "hospital's own PKI" in out and "site 2: private key" in out
+
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == ["coordinator.example"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+    for site in range(3):
+        private = load_ssh_private_key((tmp_path / f"site-{site}").read_bytes(), None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert (tmp_path / f"site-{site}").stat().st_mode & 0o077 == 0  # private keys: owner only
+        # flwr supernode register's own loader accepts the public half
+        assert len(try_load_public_key(tmp_path / f"site-{site}.pub")) > 0
+    assert not (tmp_path / "site-3").exists()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_server_cert_verifies_for_its_host_only(tmp_path):
+    import subprocess
+
+    make_certs(tmp_path, ["127.0.0.1"], sites=0)
+    ok = subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "ca.crt", "-verify_ip", "127.0.0.1",
+                         tmp_path / "server.pem"], capture_output=True, text=True)
+    bad = subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "ca.crt", "-verify_ip", "10.0.0.9",
+                          tmp_path / "server.pem"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert bad.returncode != 0

@@ -23,6 +23,8 @@ from fedslm.lora_schemes import make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy import client_level_epsilon, expected_rounds, sites_per_round
 from fedslm.reporting import RunRecorder
+from fedslm.server_eval import server_evaluate_fn
+from fedslm.resume import Checkpoint, ResumableRounds, new_run_key, restore
 from fedslm.transport import from_record, to_record
 
 
@@ -31,6 +33,7 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # we print our own round lines
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = _checkpoint_to_resume(cfg, run_dir) if cfg.resume else None
     (run_dir / "run_config.json").write_text(json.dumps(to_run_config(cfg), indent=2))
 
     model_dir = resolve_model_dir(cfg.model)
@@ -50,6 +53,12 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     )
     strategy = strategy_for(cfg, scheme, recorder, per_round, min_sites)
     strategy = with_client_level_dp(strategy, cfg, per_round)
+    done = ckpt.server_round if ckpt else 0
+    start_arrays = restore(strategy, recorder, ckpt) if ckpt else initial
+    start_adapter = ckpt.arrays if ckpt else initial_adapter
+    # the run key names the sites' privacy ledgers; a resumed run keeps its own
+    run_key = ckpt.run_key if ckpt else new_run_key()
+    rounds = ResumableRounds(strategy, recorder, run_dir, run_key, done)
     echo(
         f"federation: {fed.sites} sites x {fed.rounds} rounds ({per_round} training per round), "
         f"strategy {describe_strategy(cfg)}, LoRA r={cfg.lora.r}"
@@ -58,15 +67,20 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
         + (f"DP target epsilon {cfg.privacy.epsilon} (delta {cfg.privacy.delta})" if cfg.privacy.enabled else "no DP")
     )
 
-    # round 0: the base model's held-out loss at every site, the baseline for the curves
-    replies = grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), grid), timeout=fed.timeout_s)
-    strategy.aggregate_evaluate(0, replies)
+    if ckpt:
+        echo(f"resuming {run_dir} after round {done}/{fed.rounds} (saved global adapter and server state)")
+    else:
+        # round 0: the base model's held-out loss at every site, the baseline for the curves
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), grid),
+                                        timeout=fed.timeout_s)
+        strategy.aggregate_evaluate(0, replies)
 
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=fed.rounds, timeout=fed.timeout_s,
-        train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+    result = rounds.start(
+        grid=grid, initial_arrays=start_arrays, num_rounds=fed.rounds - done, timeout=fed.timeout_s,
+        train_config=ConfigRecord({"run-key": run_key}), evaluate_config=ConfigRecord(),
+        evaluate_fn=server_evaluate_fn(cfg, scheme, model_dir, recorder),
     )
-    final = from_record(result.arrays) if len(result.arrays) else initial_adapter
+    final = from_record(result.arrays) if len(result.arrays) else start_adapter
     rank, alpha, final_view = scheme.peft_view(final)
 
     privacy = privacy_report(cfg, recorder)
@@ -89,6 +103,27 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     summary = recorder.summary(extra)
     recorder.plot(cfg.privacy.epsilon if cfg.privacy.enabled else None)
     return summary
+
+
+def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path) -> Checkpoint:
+    """The saved state of the run in run_dir, refusing one saved under another config
+    (its rounds would not continue the same run)."""
+    ckpt = Checkpoint.load(run_dir)
+    saved_path = run_dir / "run_config.json"
+    if saved_path.exists():
+        saved, now = json.loads(saved_path.read_text()), to_run_config(cfg)
+        ignore = {"resume", "output_dir", "export_model", "demo_answer", "federation.timeout_s"}
+        changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+        if changed:
+            raise ValueError(
+                "resume=true, but the config differs from the saved run's (run_config.json) in: "
+                + ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in changed)
+                + "; resume with the same config, or start a new run in another output_dir"
+            )
+    if ckpt.server_round > cfg.federation.rounds:
+        raise ValueError(f"resume=true: the saved run is at round {ckpt.server_round}, past federation.rounds="
+                         f"{cfg.federation.rounds}")
+    return ckpt
 
 
 def describe_strategy(cfg: RunConfig) -> str:

@@ -26,6 +26,7 @@ class RoundLog:
     eval: dict[int, dict] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
     aggregation_error: float | None = None
+    server_eval: dict = field(default_factory=dict)  # the server's own held-out metrics
 
 
 class RunRecorder:
@@ -38,6 +39,8 @@ class RunRecorder:
         self.log: dict[int, RoundLog] = defaultdict(RoundLog)
         self.node_site: dict[int, int] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        # kept for restore_state: a resumed run keeps the rows of the rounds it saved
+        self._saved_rows = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
         self.metrics_path.write_text("")
         self.started = time.perf_counter()
 
@@ -70,6 +73,11 @@ class RunRecorder:
 
     def aggregation_error(self, r: int, error: float) -> None:
         self.log[r].aggregation_error = error
+
+    def server_evaluated(self, r: int, metrics: dict) -> None:
+        self.log[r].server_eval = dict(metrics)
+        shown = "  ".join(f"{k.removeprefix('server_')} {v:.4f}" for k, v in metrics.items() if k != "server_examples")
+        self.echo(f"  server held-out ({metrics.get('server_examples', '?')} examples), round {r}: {shown}")
 
     def global_adapter(self, r: int, tensors: dict, meta: dict[str, str]) -> None:
         """The round's global adapter as a peft LoRA state (A and B) of rank meta['rank']."""
@@ -113,6 +121,32 @@ class RunRecorder:
                     f"  ({_fmt(row['train_seconds'], 1)}s train)"
                 )
 
+    # --- restart (fedslm.resume) -------------------------------------------------------
+    def to_state(self) -> dict:
+        return {
+            "elapsed": time.perf_counter() - self.started,
+            "node_site": {str(n): s for n, s in self.node_site.items()},
+            "log": {str(r): {"seconds": rl.seconds, "bytes_up": rl.bytes_up, "bytes_down": rl.bytes_down,
+                             "train": rl.train, "eval": rl.eval, "rejected": rl.rejected,
+                             "aggregation_error": rl.aggregation_error, "server_eval": rl.server_eval}
+                    for r, rl in self.log.items()},
+        }
+
+    def restore_state(self, state: dict, done: int) -> None:
+        """The record of rounds 0..done as saved; metrics.jsonl is cut back to those rounds
+        (a crash after a round's lines were written but before its checkpoint)."""
+        self.started = time.perf_counter() - float(state["elapsed"])
+        self.node_site = {int(n): int(s) for n, s in state["node_site"].items()}
+        for r, saved in state["log"].items():
+            rl = self.log[int(r)]
+            rl.seconds, rl.bytes_up, rl.bytes_down = saved["seconds"], saved["bytes_up"], saved["bytes_down"]
+            rl.train = {int(s): m for s, m in saved["train"].items()}
+            rl.eval = {int(s): m for s, m in saved["eval"].items()}
+            rl.rejected, rl.aggregation_error = saved["rejected"], saved["aggregation_error"]
+            rl.server_eval = saved.get("server_eval", {})
+        rows = self._saved_rows
+        self.metrics_path.write_text("".join(line for line in rows if json.loads(line)["round"] <= done))
+
     # --- the end of the run -----------------------------------------------------------
     def eval_curve(self) -> dict[int, dict[int, float]]:
         """site -> {round: held-out loss}, round 0 being the base model."""
@@ -152,6 +186,7 @@ class RunRecorder:
             "bytes_down_per_round": [self.log[r].bytes_down for r in sorted(rounds_done)],
             "aggregation_error_per_round": [self.log[r].aggregation_error for r in sorted(rounds_done)],
             "rejected": {r: rl.rejected for r, rl in self.log.items() if rl.rejected},
+            "server_eval_per_round": {r: rl.server_eval for r, rl in sorted(self.log.items()) if rl.server_eval},
             "eval_loss_per_site": {str(s): c for s, c in self.eval_curve().items()},
             "epsilon_per_site": {str(s): c for s, c in self.epsilon_curve().items()},
         }

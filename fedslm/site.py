@@ -152,26 +152,28 @@ def config_for(context: Context, cfg: RunConfig | None) -> RunConfig:
     return cfg if cfg is not None else validate(from_run_config(context.run_config))
 
 
-def ledger_file(cfg: RunConfig, context: Context, site: int) -> Path:
-    """Where a site keeps its privacy ledger on its own disk (node config `state-dir`)."""
+def ledger_file(cfg: RunConfig, context: Context, site: int, run_key: str | None = None) -> Path:
+    """Where a site keeps its privacy ledger on its own disk (node config `state-dir`).
+    The server's run key (kept in its checkpoint) names the run, so a coordinator that
+    restarts and resumes under a new Flower run id continues the same ledger."""
     root = context.node_config.get("state-dir") or cache_root(cfg.model) / "ledgers"
-    return Path(str(root)) / f"run-{context.run_id}" / f"site-{site}.json"
+    return Path(str(root)) / (f"run-{run_key}" if run_key else f"run-{context.run_id}") / f"site-{site}.json"
 
 
-def load_ledger(cfg: RunConfig, context: Context, site: int) -> PrivacyLedger:
+def load_ledger(cfg: RunConfig, context: Context, site: int, run_key: str | None = None) -> PrivacyLedger:
     """The node state holds the ledger between rounds; the file on the site's disk brings
     it back after the client process or the SuperNode restarts."""
     if LEDGER_KEY in context.state.config_records:
         return PrivacyLedger.from_json(str(context.state.config_records[LEDGER_KEY]["history"]))
-    path = ledger_file(cfg, context, site)
+    path = ledger_file(cfg, context, site, run_key)
     if path.exists():
         return PrivacyLedger.from_json(path.read_text())
     return PrivacyLedger()
 
 
-def save_ledger(cfg: RunConfig, context: Context, site: int, ledger: PrivacyLedger) -> None:
+def save_ledger(cfg: RunConfig, context: Context, site: int, ledger: PrivacyLedger, run_key: str | None = None) -> None:
     context.state.config_records[LEDGER_KEY] = ConfigRecord({"history": ledger.to_json()})
-    path = ledger_file(cfg, context, site)
+    path = ledger_file(cfg, context, site, run_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(ledger.to_json())
@@ -185,23 +187,29 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
     train_ds = data.train
     load_global(rt, msg.content["arrays"])
     server_round = int(msg.content["config"]["server-round"])
+    run_key = str(msg.content["config"]["run-key"]) if "run-key" in msg.content["config"] else None
 
     dp, noise, rate = None, 0.0, 0.0
     eps = {"rdp": 0.0, "prv": 0.0}
     if cfg.privacy.enabled:
-        ledger = load_ledger(cfg, context, site)
+        ledger = load_ledger(cfg, context, site, run_key)
         plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), expected_rounds(cfg.federation), site)
         # refuse before spending anything (raises BudgetExceededError with the numbers)
         ledger.check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
         dp, noise, rate = DPContext(cfg.privacy, plan, ledger), plan.noise_multiplier, plan.sample_rate
 
     bar = _StepBar(cfg, site, server_round) if progress and cfg.train.progress else None
+    seed = hash((cfg.seed, site, server_round)) % (2**31)
+    # Opacus draws its Poisson batches from torch's global generator (without secure_mode):
+    # seeding it here makes a round's update independent of what this process ran before,
+    # so a fresh ClientApp process (deployment, a resumed run) trains exactly like a warm one
+    torch.manual_seed(seed)
     stats = train_local(
         rt.peft_model,
         train_ds,
         cfg.train,
         pad_id=rt.tokenizer.pad_token_id,
-        seed=hash((cfg.seed, site, server_round)) % (2**31),
+        seed=seed,
         dp=dp,
         grad_sample_module=rt.grad_sample_module,
         progress=bar.step if bar else None,
@@ -210,7 +218,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
     if bar:
         bar.close()
     if stats.ledger is not None:
-        save_ledger(cfg, context, site, stats.ledger)
+        save_ledger(cfg, context, site, stats.ledger, run_key)
         eps = {name: stats.ledger.epsilon(cfg.privacy.delta, name) for name in eps}
 
     metrics = MetricRecord(

@@ -1,0 +1,101 @@
+"""The deployment engine on 127.0.0.1: a SuperLink with TLS and node authentication, two
+SuperNodes, `flwr run`; refusals, a site lost mid-run, and the coordinator killed and
+resumed. Every process is ended by pid and the ports are checked free afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fedslm.config import ModelConfig
+from fedslm.loopback import Loopback, run_config_string, wait_for
+from fedslm.model import resolve_model_dir
+
+pytestmark = pytest.mark.deployment
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    cache = root / "models"
+    resolve_model_dir(ModelConfig(source="tiny", cache_dir=str(cache)))  # sites only read the cache
+    lb = Loopback(root, sites=2)
+    lb.cache = cache
+    try:
+        lb.start_link()
+        for site in (0, 1):
+            lb.register(site)
+            lb.start_node(site)
+        for site in (0, 1):
+            wait_for(lambda s=site: "SuperNode ID" in lb.nodes[s].text(), 60, f"site {site} to connect", lb.nodes[site])
+        yield lb
+    finally:
+        taken = lb.stop()
+        assert taken == [], f"ports still taken after the test: {taken}"
+
+
+def _config(fed: Loopback, out: Path, **extra) -> str:
+    values = {
+        "model.source": "tiny", "model.cache_dir": str(fed.cache), "data.max_length": 512,
+        "data.train_examples": 48, "data.eval_examples": 6, "federation.sites": 2, "federation.rounds": 2,
+        "federation.min_sites": 1, "federation.timeout_s": 120.0, "train.local_steps": 2, "train.batch_size": 4,
+        "train.progress": False, "export_model": False, "output_dir": str(out),
+    }
+    values.update(extra)
+    return run_config_string(values)
+
+
+def test_a_site_without_a_registered_key_is_refused(fed):
+    node = fed.start_node(7, key=fed.unregistered_key(), name="stranger")
+    wait_for(lambda: not node.alive(), 60, "the unregistered SuperNode to give up", interval=0.5)
+    assert "Failed to activate SuperNode" in node.text()
+    assert "No SuperNode found with the given public key" in fed.link.text()
+
+
+def test_a_server_the_site_does_not_trust_is_refused(fed, tmp_path):
+    from fedslm.certs import make_certs
+
+    other = make_certs(tmp_path / "other-ca", ["127.0.0.1"], sites=0)
+    node = fed.start_node(0, ca=other.ca_cert, name="distrustful")
+    wait_for(lambda: not node.alive(), 60, "the SuperNode to refuse the certificate", interval=0.5)
+    assert "CERTIFICATE_VERIFY_FAILED" in node.text()
+
+
+def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
+    out = tmp_path / "run"
+    run = fed.run_async(_config(fed, out))
+    # site 1 drops when the rounds begin: round 1 goes on with site 0 alone (min_sites=1)
+    wait_for(lambda: "round 0 (base model)" in run.text(), 240, "round 0", run)
+    fed.nodes[1].kill()
+    # the coordinator dies as soon as round 1 is saved
+    wait_for(lambda: (out / "checkpoint" / "state.json").exists(), 240, "the round-1 checkpoint", run)
+    fed.link.kill()
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert saved["round"] == 1 and list(saved["recorder"]["log"]["1"]["train"]) == ["0"]
+    wait_for(lambda: not run.alive(), 60, "flwr run to notice")
+
+    # restart: same database (registered keys), site 1 rejoins, the run resumes from round 1
+    fed.start_link()
+    fed.start_node(1)
+    wait_for(lambda: fed.nodes[1].text().count("SuperNode ID") >= 2, 90, "site 1 to rejoin", fed.nodes[1])
+    res = fed.run(_config(fed, out, resume=True), timeout=420)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"resuming {out} after round 1/2" in res.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = {(r["round"], r["site"]) for r in rows if r["train_loss"] is not None}
+    assert (1, 0) in trained and (1, 1) not in trained and {(2, 0), (2, 1)} <= trained
+    eps = {(r["round"], r["site"]): r["epsilon"] for r in rows if r["epsilon"] is not None}
+    # site 0's ledger went on across the coordinator's restart; site 1 has spent one round only
+    assert eps[(2, 0)] > eps[(1, 0)] and eps[(2, 1)] == pytest.approx(eps[(1, 0)], rel=1e-6)
+    assert eps[(2, 0)] <= 8.0
+    ledgers = sorted(p.parent.name for p in (fed.root / "site-0-state").glob("run-*/site-0.json"))
+    assert ledgers == [f"run-{saved['run_key']}"]  # one ledger for the run, across both Flower runs
+    final = load_file(str(out / "adapters" / "round_002.safetensors"))
+    assert any(t.abs().max() > 0 for k, t in final.items() if ".lora_B." in k)

@@ -1,0 +1,125 @@
+"""A coordinator that dies after a round and is restarted with resume=true ends with the
+same global adapter as a run that never stopped (simulation engine; the deployment test
+kills a real SuperLink)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedslm import resume
+from fedslm.config import ConfigError, validate
+from fedslm.simulation import simulate
+
+
+class CoordinatorCrash(RuntimeError):
+    pass
+
+
+def _cfg(tiny_cfg, out: Path):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.federation.sites, cfg.federation.rounds, cfg.federation.ray_cpus = 2, 2, 2
+    cfg.train.threads = 1
+    cfg.train.local_steps = 2
+    # FedAdam's m_t, v_t and bias correction (which counts rounds) must survive the restart
+    cfg.strategy.server_optimizer, cfg.strategy.server_lr = "fedadam", 0.01
+    cfg.export_model = False
+    cfg.output_dir = str(out)
+    return cfg
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapters" / "round_002.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys):
+    full = _cfg(tiny_cfg, tmp_path / "full")
+    simulate(full, echo=lambda *_: None)
+
+    crashed = _cfg(tiny_cfg, tmp_path / "crashed")
+    save = resume.ResumableRounds.save
+
+    def save_then_die(self, server_round):
+        save(self, server_round)
+        if server_round == 1:
+            raise CoordinatorCrash("coordinator killed after round 1")
+
+    monkeypatch.setattr(resume.ResumableRounds, "save", save_then_die)
+    with pytest.raises(CoordinatorCrash):
+        simulate(crashed, echo=lambda *_: None)
+    monkeypatch.setattr(resume.ResumableRounds, "save", save)
+    run = Path(crashed.output_dir)
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 1
+    assert not (run / "adapters" / "round_002.safetensors").exists()
+
+    capsys.readouterr()
+    crashed.resume = True
+    summary = simulate(crashed, echo=lambda *_: None)
+    out = capsys.readouterr().out
+    assert f"resuming {run} after round 1/2" in out and "round 0 (base model)" not in out
+
+    a, b = _final(Path(full.output_dir)), _final(run)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ref = json.loads((Path(full.output_dir) / "summary.json").read_text())
+    # the record spans both rounds, and epsilon continues the same ledgers
+    assert summary["rounds"] == 2 and summary["epsilon"] == pytest.approx(ref["epsilon"])
+    assert summary["eval_loss_initial"] == pytest.approx(ref["eval_loss_initial"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["round"], r["site"]) for r in rows) == [(r, s) for r in (1, 2) for s in (0, 1)]
+
+
+def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tiny_cfg, tmp_path):
+    from fedslm.federation import _checkpoint_to_resume
+
+    cfg = _cfg(tiny_cfg, tmp_path / "run")
+    cfg.resume = True
+    with pytest.raises(FileNotFoundError, match="no round of this run was saved"):
+        _checkpoint_to_resume(cfg, Path(cfg.output_dir))
+
+    ck = Path(cfg.output_dir) / "checkpoint"
+    ck.mkdir(parents=True)
+    resume._save(ck / "global.safetensors", {"x": torch.zeros(2)})
+    (ck / "state.json").write_text(json.dumps({"round": 1, "run_key": "k", "recorder": {}}))
+    from fedslm.config import to_run_config
+
+    saved = to_run_config(cfg)
+    saved["train.lr"] = 0.5
+    (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"train.lr \(saved 0.5"):
+        _checkpoint_to_resume(cfg, Path(cfg.output_dir))
+
+    cfg.output_dir = ""
+    with pytest.raises(ConfigError, match="resume: needs output_dir"):
+        validate(cfg)
+
+
+def test_optimizer_state_round_trips(tmp_path):
+    """FedAdam's dicts, FedAvgM's record and list, and a DP wrapper's clip norm come back equal."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    class Inner:
+        m_t = {"a": np.arange(3.0)}
+        v_t = {"a": np.ones(3)}
+        current_arrays = ArrayRecord({"a": Array(np.arange(3, dtype=np.float32))})
+        momentum_vector = [np.full(2, 0.5)]
+
+    class Wrapper:
+        strategy = Inner()
+        clipping_norm = 0.25
+
+    tensors, layout = resume.strategy_state(Wrapper())
+    fresh = Wrapper()
+    fresh.strategy = type("Empty", (), {})()
+    fresh.clipping_norm = 1.0
+    resume.restore_strategy_state(fresh, tensors, json.loads(json.dumps(layout)))
+    assert np.array_equal(fresh.strategy.m_t["a"], np.arange(3.0))
+    assert np.array_equal(fresh.strategy.current_arrays["a"].numpy(), np.arange(3, dtype=np.float32))
+    assert np.array_equal(fresh.strategy.momentum_vector[0], np.full(2, 0.5))
+    assert fresh.clipping_norm == 0.25

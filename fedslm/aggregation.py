@@ -196,7 +196,7 @@ def strategy_for(cfg: RunConfig, scheme: Scheme, recorder: RunRecorder, per_roun
     return build_strategy(
         setup, cfg.strategy,
         fraction_train=cfg.federation.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=cfg.federation.fraction_evaluate,
         min_train_nodes=min_sites,
         min_evaluate_nodes=min_sites,
         min_available_nodes=min_sites,

@@ -159,6 +159,9 @@ class FederationConfig:
     # Sites asked to train per round as a count (wins over fraction_train when > 0); the
     # draw is deterministic under `seed`.
     sites_per_round: int = 0
+    # Share of the sites asked to evaluate each round (at least the round's training
+    # count): with hundreds of sites, asking every one each round dominates the round.
+    fraction_evaluate: float = 1.0
     # Rounds go on only if at least this many sites reply; 0 means all sites.
     min_sites: int = 0
     cpus_per_site: float = 1.0
@@ -339,6 +342,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(f.sites >= 1, "federation.sites", f"got {f.sites}, must be >= 1")
     need(f.rounds >= 1, "federation.rounds", f"got {f.rounds}, must be >= 1")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", f"got {f.fraction_train}, must be in (0, 1]")
+    need(0 < f.fraction_evaluate <= 1, "federation.fraction_evaluate", f"got {f.fraction_evaluate}, must be in (0, 1]")
     need(0 <= f.sites_per_round <= f.sites, "federation.sites_per_round",
          f"got {f.sites_per_round}, must be in [0, federation.sites={f.sites}] (0 = use fraction_train)")
     need(0 <= f.min_sites <= f.sites, "federation.min_sites",

@@ -102,6 +102,10 @@ class LoraStrategy(FedAvg):
                 self.recorder.rejected(server_round, node, f"invalid update: {problem}")
                 continue
             updates.append((msg, update))
+        # replies arrive in whatever order the sites finish; summing floats in that order
+        # would make the same run differ in the last bits (and a resumed run not match)
+        updates.sort(key=lambda mu: (int(mu[0].content.metric_records["metrics"].get("site", 2**31)),
+                                     mu[0].metadata.src_node_id))
 
         # a norm far above the round's median: a diverged or malicious site
         norms = [distance(self.scheme.update_terms(u.tensors, u.rank), self.scheme.start_terms(self.sent, u.rank))

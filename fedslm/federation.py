@@ -55,7 +55,7 @@ def run_server(grid: Grid, cfg: RunConfig, echo=print) -> dict:
     strategy = with_client_level_dp(strategy, cfg, per_round)
     done = ckpt.server_round if ckpt else 0
     start_arrays = restore(strategy, recorder, ckpt) if ckpt else initial
-    start_adapter = ckpt.arrays if ckpt else initial_adapter
+    start_adapter = {k: v.float() for k, v in ckpt.arrays.items()} if ckpt else initial_adapter
     # the run key names the sites' privacy ledgers; a resumed run keeps its own
     run_key = ckpt.run_key if ckpt else new_run_key()
     rounds = ResumableRounds(strategy, recorder, run_dir, run_key, done)

@@ -33,7 +33,6 @@ from flwr.serverapp.strategy import Strategy
 from safetensors.torch import load_file, save_file
 
 from fedslm.reporting import RunRecorder
-from fedslm.transport import from_record, to_record
 
 # Attributes of Flower's strategies that carry state from round to round
 ARRAY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -175,11 +174,19 @@ class ResumableRounds(Strategy):
             "recorder": self.recorder.to_state(),
         }
         # arrays first, state.json last and atomically: state.json names a complete round
-        _save(d / "global.safetensors", from_record(self._evaluated))
+        _save(d / "global.safetensors", _exact(self._evaluated))
         _save(d / "optimizer.safetensors", opt)
         tmp = d / "state.json.tmp"
         tmp.write_text(json.dumps(state, default=float))
         tmp.replace(d / "state.json")
+
+
+def _exact(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The record's arrays in their own dtype: FedAdam/FedYogi/FedAdagrad hand back float64
+    arrays (a float64 learning-rate factor promotes the float32 update), and the next round
+    starts from those; rounding them to float32 here made a resumed run differ from an
+    uninterrupted one in the last bits."""
+    return {k: torch.from_numpy(np.ascontiguousarray(arr.numpy()).copy()) for k, arr in record.items()}
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -198,4 +205,5 @@ def restore(strategy, recorder: RunRecorder, ckpt: Checkpoint) -> ArrayRecord:
     if hasattr(inner, "errors"):
         inner.errors = {int(k): v for k, v in ckpt.state.get("errors", {}).items()}
     recorder.restore_state(ckpt.state["recorder"], ckpt.server_round)
-    return to_record(ckpt.arrays, "float32")
+    # exactly the arrays the strategy held, in their own dtype (see _exact)
+    return ArrayRecord({k: Array(v.numpy()) for k, v in ckpt.arrays.items()})

@@ -38,8 +38,6 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="unfinished: two fresh simulations with the same seeds already differ at "
-                   "round 1 (max |diff| 3.7e-3), so bitwise resume equality cannot hold until that is found")
 def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys):
     full = _cfg(tiny_cfg, tmp_path / "full")
     simulate(full, echo=lambda *_: None)

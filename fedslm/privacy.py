@@ -12,13 +12,15 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+# Opacus (and the scipy it pulls in, about a second) is imported where an accountant is
+# used, not here: a deployed site starts a fresh process per message, and an evaluate
+# message, or the error types the ClientApp catches, need none of it.
 
-# Opacus's default RDP orders stop at 63; at the small noise multipliers that few-step
-# federated runs need, the optimal order is higher, so extend the grid (a tighter, still
-# valid bound, and no "optimal order is the largest alpha" warning).
-RDP_ALPHAS = list(RDPAccountant.DEFAULT_ALPHAS) + list(range(64, 257, 4))
+# Opacus's default RDP orders (RDPAccountant.DEFAULT_ALPHAS, checked by a test) stop at
+# 63; at the small noise multipliers that few-step federated runs need, the optimal order
+# is higher, so extend the grid (a tighter, still valid bound, and no "optimal order is
+# the largest alpha" warning).
+RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 257, 4))
 
 
 def _accountant_kwargs(accountant: str) -> dict:
@@ -37,6 +39,8 @@ def calibrate_noise(cfg: PrivacyConfig, sample_rate: float, total_steps: int) ->
     `total_steps` must cover the whole federation (local steps x rounds), not one round:
     calibrating per round and composing R rounds multiplies the spent budget.
     """
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         # the search probes tiny noise levels whose optimal RDP order is off the grid;
         # those probes are rejected anyway, so their warning says nothing about the result
@@ -74,6 +78,8 @@ class PrivacyLedger:
     def epsilon(self, delta: float, accountant: str = "rdp") -> float:
         if not self.history:
             return 0.0
+        from opacus.accountants import create_accountant
+
         acc = create_accountant(accountant)
         acc.history = list(self.history)
         return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
@@ -107,6 +113,8 @@ def client_level_epsilon(noise_multiplier: float, sites_per_round: int, sites: i
     One release per round, each site taking part with rate sites_per_round / sites
     (exact when every site joins every round; with sampling, Flower draws a fixed number
     of sites and the Poisson rate is the usual approximation, as in DP-FedAvg)."""
+    from opacus.accountants import RDPAccountant
+
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, min(1.0, sites_per_round / sites), rounds)]
     return float(acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))

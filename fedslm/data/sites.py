@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedslm.config import DataConfig
 from fedslm.data import clinic
@@ -88,6 +87,10 @@ def _partition(table: datasets.Dataset, cfg: DataConfig, num_sites: int, site: i
         raise DataError(f"site {site} is outside 0..{num_sites - 1}")
     if cfg.partition_by and cfg.partition_by not in table.column_names:
         raise DataError(f"data.partition_by={cfg.partition_by!r} is not a column; the data has {', '.join(table.column_names)}")
+    # flwr-datasets (with matplotlib, about a second) only when a table is partitioned:
+    # the built-in synthetic clinics and a site's own data never need it
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
     if cfg.partitioner == "iid":
         # flwr-datasets' IID partitioner cuts contiguous shards; shuffle first so that a
         # file sorted by label still gives each site the same mix

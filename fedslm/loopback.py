@@ -30,7 +30,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a new server could listen on the port now. SO_REUSEADDR as servers set it:
+    connections of killed processes left in TIME_WAIT do not count, a live listener does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -52,24 +55,57 @@ class Proc:
         return self.popen.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL the process, its process group and every descendant by pid: Flower starts
-        the SuperExec in a session of its own, so the group alone would leave it running."""
+        """SIGKILL the process, its process group, every descendant by pid, and the process
+        group of any descendant that leads one: Flower starts the SuperExec in a session of
+        its own (start_new_session), and the ServerApp/ClientApp processes it spawns join
+        that group, so the group of the process started here alone would leave them running.
+        Then wait (bounded) until every one of them is gone."""
         import psutil
 
-        try:
-            family = psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for child in family:
+        family: dict[int, psutil.Process] = {}
+        for _ in range(3):  # a child spawned while we were killing is caught on the next pass
             try:
-                child.kill()
+                found = psutil.Process(self.popen.pid).children(recursive=True)
             except psutil.NoSuchProcess:
-                pass
+                found = []
+            new = [p for p in found if p.pid not in family]
+            family.update((p.pid, p) for p in new)
+            groups = {self.popen.pid}
+            for p in new:
+                try:
+                    if os.getpgid(p.pid) == p.pid:  # a group leader of its own (the SuperExec)
+                        groups.add(p.pid)
+                except ProcessLookupError:
+                    pass
+            for group in groups:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for p in new:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            if not new and self.popen.poll() is not None:
+                break
         self.popen.wait(timeout=30)
+        deadline = time.time() + 20
+        while (alive := [p for p in family.values() if _running(p)]) and time.time() < deadline:
+            time.sleep(0.2)
+        if alive:
+            raise RuntimeError(f"{self.name}: processes {[p.pid for p in alive]} still alive after SIGKILL")
+
+
+def _running(proc) -> bool:
+    """Alive and not a zombie (an orphan whose exit the init process has not reaped yet
+    holds no port and no memory)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @dataclass
@@ -163,7 +199,7 @@ class Loopback:
         for proc in reversed(self.procs):
             proc.kill()
         ports = {p.port for p in self.procs if p.port}
-        deadline = time.time() + 20
+        deadline = time.time() + 30
         while time.time() < deadline and not all(port_is_free(p) for p in ports):
             time.sleep(0.5)
         return sorted(p for p in ports if not port_is_free(p))

@@ -200,9 +200,12 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
 
     bar = _StepBar(cfg, site, server_round) if progress and cfg.train.progress else None
     seed = hash((cfg.seed, site, server_round)) % (2**31)
-    # Opacus draws its Poisson batches from torch's global generator (without secure_mode):
-    # seeding it here makes a round's update independent of what this process ran before,
-    # so a fresh ClientApp process (deployment, a resumed run) trains exactly like a warm one
+    # Batches (Opacus's Poisson sampler inherits the loader's generator when secure_mode is
+    # off) and DP noise use generators seeded inside train_local; LoRA dropout draws from
+    # torch's global generator. Seeding that here, after the runtime is built (whose first
+    # build consumes global draws), makes a round's update independent of what this
+    # process ran before, so a fresh ClientApp process (deployment, a resumed run, another
+    # Ray actor) trains exactly like a warm one
     torch.manual_seed(seed)
     stats = train_local(
         rt.peft_model,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from fedslm.app_config import pyproject_table
 from fedslm.config import ModelConfig
 from fedslm.loopback import Loopback, run_config_string, wait_for
 from fedslm.model import resolve_model_dir
@@ -25,6 +26,11 @@ def fed(tmp_path_factory):
     resolve_model_dir(ModelConfig(source="tiny", cache_dir=str(cache)))  # sites only read the cache
     lb = Loopback(root, sites=2)
     lb.cache = cache
+    # the whole run config as it is now, passed on every `flwr run`: the app is packaged
+    # from the working tree at each run, and a pyproject regenerated between the first run
+    # and the resumed one (it happened: grad_sample_mode hooks -> lora) makes resume refuse
+    # the changed config (ServerApp exit 201)
+    lb.app_config = pyproject_table()
     try:
         lb.start_link()
         for site in (0, 1):
@@ -41,7 +47,8 @@ def fed(tmp_path_factory):
 
 
 def _config(fed: Loopback, out: Path, **extra) -> str:
-    values = {
+    values = dict(fed.app_config)
+    values |= {
         "model.source": "tiny", "model.cache_dir": str(fed.cache), "data.max_length": 512,
         "data.train_examples": 48, "data.eval_examples": 6, "federation.sites": 2, "federation.rounds": 2,
         "federation.min_sites": 1, "federation.timeout_s": 120.0, "train.local_steps": 2, "train.batch_size": 4,

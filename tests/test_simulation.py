@@ -37,12 +37,14 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg):
     assert sorted(server) == ["0", "1", "2"] and server["0"]["server_examples"] == 3 * tiny_cfg.data.eval_examples
     assert server["2"]["server_loss"] < server["0"]["server_loss"]
 
-    # bytes on the wire: B matrices only, fp32, once per site per message
+    # bytes on the wire: B matrices only, in the transport dtype, once per site per message
     # each round's file is the global in peft form (A and B); only B crosses the wire
     r1 = load_file(str(run / "adapters" / "round_001.safetensors"))
     b1 = {k: v for k, v in r1.items() if ".lora_B." in k}
-    adapter_bytes = record_bytes(to_record(b1))
-    assert sum(t.numel() * 4 for t in b1.values()) <= adapter_bytes <= sum(t.numel() * 4 + 256 for t in b1.values())
+    wire = tiny_cfg.federation.transport_dtype
+    size = 2 if wire == "float16" else 4
+    adapter_bytes = record_bytes(to_record(b1, wire))
+    assert sum(t.numel() * size for t in b1.values()) <= adapter_bytes <= sum(t.numel() * size + 256 for t in b1.values())
     assert on_disk["bytes_up"] == 2 * 3 * adapter_bytes
     assert on_disk["bytes_down"] == (3 + 2 * 2 * 3) * adapter_bytes  # round-0 eval, then train+eval
 
@@ -171,7 +173,8 @@ def test_heterogeneous_ranks_end_to_end(tiny_cfg, strategy):
         assert 0 < min(errors) and max(errors) < 1 and summary["global_rank"] == 4
     # the uplink follows each site's rank: 4 + 2 + 4 = 10 rank units, not 3 x 4
     r1 = load_file(str(run / "adapters" / "round_001.safetensors"))
-    per_rank_unit = sum(t.shape[0] if ".lora_B." in k else t.shape[1] for k, t in r1.items()) * 4
+    size = 2 if tiny_cfg.federation.transport_dtype == "float16" else 4
+    per_rank_unit = sum(t.shape[0] if ".lora_B." in k else t.shape[1] for k, t in r1.items()) * size
     assert 10 * per_rank_unit <= summary["bytes_up_per_round"][0] < 10 * per_rank_unit + 256 * len(r1) * 3
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
     model = AutoModelForCausalLM.from_pretrained(run / "model")

@@ -53,82 +53,69 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit(args: argparse.Namespace) -> int:
+def _refusing(command: str, work, errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command's work; an error the user can fix prints one line and exits 2,
+    anything else is a bug and keeps its traceback."""
     from fedslm import quiet
-    from fedslm.audit import audit
 
     quiet.silence_known_noise()
     try:
-        audit(args.run_dir, candidates=args.candidates, max_examples=args.max_examples)
-    except FileNotFoundError as err:
-        print(f"fedslm audit: {err}", file=sys.stderr)
+        work()
+    except errors as err:
+        print(f"fedslm {command}: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fedslm.audit import audit
+
+    return _refusing("audit", lambda: audit(args.run_dir, candidates=args.candidates, max_examples=args.max_examples),
+                     (FileNotFoundError,))
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedslm import quiet
     from fedslm.export import ParityError, export_run
 
-    quiet.silence_known_noise()
-    try:
+    def work() -> None:
         info = export_run(args.run_dir, args.out, dtype=args.dtype, server_round=args.round, int8=args.int8)
-    except (FileNotFoundError, ParityError, ValueError) as err:
-        print(f"fedslm export: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['model_dir']} ({info['bytes'] / 1e6:.1f} MB) from {info['adapter']}: merge parity (fp32) "
-          f"max |logit diff| {info['merge_max_abs_diff']:.2e}; as {info['dtype']}: {info['dtype_max_abs_diff']:.2e}")
-    if "int8" in info:
-        r = info["int8"]
-        print(f"int8 copy in {r['int8_dir']}: {r['int8_bytes'] / 1e6:.1f} MB vs {r['fp16_bytes'] / 1e6:.1f} MB fp16; "
-              f"held-out answer loss {r['int8_loss']:.4f} vs {r['fp16_loss']:.4f} fp16 ({r['examples']} examples)")
-    return 0
+        print(f"wrote {info['model_dir']} ({info['bytes'] / 1e6:.1f} MB) from {info['adapter']}: merge parity (fp32) "
+              f"max |logit diff| {info['merge_max_abs_diff']:.2e}; as {info['dtype']}: {info['dtype_max_abs_diff']:.2e}")
+        if "int8" in info:
+            r = info["int8"]
+            print(f"int8 copy in {r['int8_dir']}: {r['int8_bytes'] / 1e6:.1f} MB vs {r['fp16_bytes'] / 1e6:.1f} MB "
+                  f"fp16; held-out answer loss {r['int8_loss']:.4f} vs {r['fp16_loss']:.4f} fp16 "
+                  f"({r['examples']} examples)")
+
+    return _refusing("export", work, (FileNotFoundError, ParityError, ValueError))
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fedslm import quiet
     from fedslm.generate import NotAModelError, stream_answer
 
-    quiet.silence_known_noise()
-    try:
-        stream_answer(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, system_prompt=args.system)
-    except NotAModelError as err:
-        print(f"fedslm generate: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return _refusing("generate", lambda: stream_answer(
+        args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, system_prompt=args.system), (NotAModelError,))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fedslm import quiet
-    from fedslm.data.errors import DataError
-    from fedslm.evaluate import EvalError, evaluate_command
+    from fedslm.evaluate import evaluate_command
     from fedslm.generate import NotAModelError
 
-    quiet.silence_known_noise()
-    try:
-        evaluate_command(args.model_dir, data=args.data, task=args.task, split=args.split, overrides=args.overrides,
-                         limit=args.limit, choices=args.choices.split(",") if args.choices else None,
-                         baseline=args.baseline, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         out=args.out)
-    except (NotAModelError, EvalError, DataError, ValueError, FileNotFoundError) as err:
-        print(f"fedslm evaluate: {err}", file=sys.stderr)
-        return 2
-    return 0
+    # EvalError, DataError and ConfigError are ValueErrors
+    return _refusing("evaluate", lambda: evaluate_command(
+        args.model_dir, data=args.data, task=args.task, split=args.split, overrides=args.overrides, limit=args.limit,
+        choices=args.choices.split(",") if args.choices else None, baseline=args.baseline,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out),
+        (NotAModelError, ValueError, FileNotFoundError))
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from fedslm import quiet
     from fedslm.generate import NotAModelError, chat
 
-    quiet.silence_known_noise()
-    try:
-        chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             system_prompt=args.system)
-    except NotAModelError as err:
-        print(f"fedslm chat: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return _refusing("chat", lambda: chat(args.model_dir, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_p=args.top_p,
+                                          system_prompt=args.system), (NotAModelError,))
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:

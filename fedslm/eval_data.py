@@ -62,8 +62,8 @@ def _rows(cfg: RunConfig, split: str):
         table = load_table(d.eval_path or d.path, d.format)
         check_columns(table, d, f"data ({d.eval_path or d.path})")
         return table
-    parts = [site_rows(d, s, sites).eval for s in range(sites)] if split == "eval" else \
-        [r for s in range(sites) for r in (site_rows(d, s, sites).train, site_rows(d, s, sites).eval)]
+    per_site = [site_rows(d, s, sites) for s in range(sites)]
+    parts = [r.eval for r in per_site] if split == "eval" else [t for r in per_site for t in (r.train, r.eval)]
     return datasets.concatenate_datasets(parts)
 
 
@@ -83,16 +83,24 @@ def config_for_data(model_dir: str | Path, data: str | None, overrides: list[str
     directory (its run_config.json), a data file, or None for the config the model was
     trained with (training_config.json, written by export)."""
     from fedslm.config import from_run_config, validate
+
+    overrides = list(overrides or [])
+    if data is not None:
+        return config_from_data(data, overrides)
+    trained = Path(model_dir) / "training_config.json"
+    if not trained.is_file():
+        raise DataError(f"{model_dir} has no training_config.json (not an exported fedslm model), so the data to "
+                        "score is unknown; give --data PRESET|FILE|RUN_DIR")
+    return _with_overrides(validate(from_run_config(json.loads(trained.read_text()))), overrides), \
+        {"source": str(trained)}
+
+
+def config_from_data(data: str, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
+    """(run config, description) of a conf/data preset, a run directory or a data file."""
+    from fedslm.config import from_run_config, validate
     from fedslm.hydra_config import REPO_ROOT, compose_run_config
 
     overrides = list(overrides or [])
-    if data is None:
-        trained = Path(model_dir) / "training_config.json"
-        if not trained.is_file():
-            raise DataError(f"{model_dir} has no training_config.json (not an exported fedslm model), so the data to "
-                            "score is unknown; give --data PRESET|FILE|RUN_DIR")
-        return _with_overrides(validate(from_run_config(json.loads(trained.read_text()))), overrides), \
-            {"source": str(trained)}
     if (REPO_ROOT / "conf" / "data" / f"{data}.yaml").is_file():
         return compose_run_config([f"data={data}", *overrides]), {"preset": data}
     path = Path(data).expanduser()

@@ -21,15 +21,12 @@ from fedslm.transport import from_record
 
 def server_eval_set(cfg: RunConfig):
     """The examples the server scores: its own data (preset or file) or the run's held-out rows."""
-    from fedslm.eval_data import eval_set
-    from fedslm.hydra_config import compose_run_config
+    from fedslm.eval_data import config_from_data, eval_set
 
     se = cfg.server_eval
     data_cfg = cfg
-    if se.data:
-        preset = [f"data={se.data}"] if not Path(se.data).expanduser().exists() else \
-            [f"data.path={Path(se.data).expanduser().resolve()}", f"data.name={Path(se.data).stem}"]
-        composed = compose_run_config(preset)
+    if se.data:  # read the way `fedslm evaluate --data` reads it
+        composed, _ = config_from_data(se.data)
         data_cfg = dataclasses.replace(cfg, data=composed.data, federation=dataclasses.replace(
             cfg.federation, sites=composed.federation.sites))
     return eval_set(data_cfg, se.split, se.limit)

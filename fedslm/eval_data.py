@@ -95,8 +95,9 @@ def config_for_data(model_dir: str | Path, data: str | None, overrides: list[str
         {"source": str(trained)}
 
 
-def config_from_data(data: str, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
-    """(run config, description) of a conf/data preset, a run directory or a data file."""
+def config_from_data(data: str, overrides: list[str] | None = None, what: str = "--data") -> tuple[RunConfig, dict]:
+    """(run config, description) of a conf/data preset, a run directory or a data file;
+    `what` names the setting in the error."""
     from fedslm.config import from_run_config, validate
     from fedslm.hydra_config import REPO_ROOT, compose_run_config
 
@@ -111,7 +112,7 @@ def config_from_data(data: str, overrides: list[str] | None = None) -> tuple[Run
         return compose_run_config([f"data.path={path.resolve()}", f"data.name={path.stem}", *overrides]), \
             {"path": str(path.resolve())}
     presets = sorted(p.stem for p in (REPO_ROOT / "conf" / "data").glob("*.yaml"))
-    raise DataError(f"--data {data!r} is neither a data preset ({', '.join(presets)}), nor an existing file or run "
+    raise DataError(f"{what} {data!r} is neither a data preset ({', '.join(presets)}), nor an existing file or run "
                     "directory")
 
 

@@ -26,7 +26,7 @@ def server_eval_set(cfg: RunConfig):
     se = cfg.server_eval
     data_cfg = cfg
     if se.data:  # read the way `fedslm evaluate --data` reads it
-        composed, _ = config_from_data(se.data)
+        composed, _ = config_from_data(se.data, what="server_eval.data")
         data_cfg = dataclasses.replace(cfg, data=composed.data, federation=dataclasses.replace(
             cfg.federation, sites=composed.federation.sites))
     return eval_set(data_cfg, se.split, se.limit)

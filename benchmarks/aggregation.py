@@ -26,16 +26,19 @@ import datasets
 import torch
 
 from fedslm import quiet
-from fedslm.adapter import attach_lora
+from fedslm.lora.adapter import attach_lora
 from fedslm.config import RunConfig, validate
 from fedslm.data.records import load_label_set, to_example
 from fedslm.data.sites import site_rows, system_prompt_for
 from fedslm.data.tokenize import tokenize_table
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import PrivacyLedger
-from fedslm.scoring import exact_match, greedy_answers
-from fedslm.simulation import simulate
-from fedslm.train import DPContext, evaluate_loss, plan_dp, train_local
+from fedslm.privacy.accounting import PrivacyLedger
+from fedslm.use.chat import greedy_answers
+from fedslm.use.scoring import exact_match
+from simulations.simulate import simulate
+from fedslm.privacy.plan import plan_dp
+from fedslm.site.evaluate import evaluate_loss
+from fedslm.site.train import DPContext, train_local
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data/banking77"
 
@@ -43,7 +46,7 @@ DATA = Path(__file__).resolve().parents[1] / "../shared/data/banking77"
 def base_config(args, out: Path) -> RunConfig:
     from hydra import compose, initialize_config_dir
 
-    from fedslm.hydra_config import REPO_ROOT, register_schema, to_run_config_object
+    from fedslm.config.compose import REPO_ROOT, register_schema, to_run_config_object
 
     register_schema()
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
@@ -103,7 +106,7 @@ def local_training(cfg: RunConfig, examples: list[dict], steps: int, private: bo
     train = dataclasses.replace(cfg.train, local_steps=steps)
     dp, gsm = None, None
     if private:
-        from fedslm.train import wrap_for_dp
+        from fedslm.privacy.dp_step import wrap_for_dp
 
         plan = plan_dp(cfg.privacy, train, len(ds), 1)
         dp, gsm = DPContext(cfg.privacy, plan, PrivacyLedger()), wrap_for_dp(pm, cfg.privacy)

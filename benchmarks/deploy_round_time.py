@@ -4,7 +4,7 @@ process costs before it trains (in deployment Flower starts one per message).
     .venv/bin/python -m benchmarks.deploy_round_time [--rounds 3] [--model tiny|embedded]
 
 Deployment: SuperLink (TLS, node auth) + one SuperNode per site on 127.0.0.1 via `flwr
-run` (fedslm.loopback). Simulation: fedslm.simulation.simulate, whose Ray actors keep the
+run` (fedslm.deploy.loopback). Simulation: simulations.simulate.simulate, whose Ray actors keep the
 model loaded between rounds.
 """
 
@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedslm.app_config import pyproject_table
+from fedslm.config.pyproject import pyproject_table
 from fedslm.config import ModelConfig, from_run_config, validate
-from fedslm.loopback import Loopback, run_config_string, wait_for
+from fedslm.deploy.loopback import Loopback, run_config_string, wait_for
 from fedslm.model import resolve_model_dir
 
 STARTUP = """
@@ -65,7 +65,7 @@ def main() -> None:
 
     flat = dict(pyproject_table())
     flat.update(values, output_dir=str(root / "sim"))
-    from fedslm.simulation import simulate
+    from simulations.simulate import simulate
 
     sim = simulate(validate(from_run_config(flat)), echo=lambda *_: None)
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedslm.config import LORA_TARGETS, LoraConfig, ModelConfig
+from fedslm.lora.adapter import LORA_TARGETS
+from fedslm.config import LoraConfig, ModelConfig
 
 
 @dataclass
@@ -58,9 +59,9 @@ def synthetic_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0
 def build(name: str, base: torch.nn.Module, lora: LoraConfig, batch: int, lr: float) -> Variant:
     from opacus.optimizers import DPOptimizer
 
-    from fedslm.adapter import attach_lora
+    from fedslm.lora.adapter import attach_lora
     from fedslm.config import PrivacyConfig
-    from fedslm.train import wrap_for_dp
+    from fedslm.privacy.dp_step import wrap_for_dp
 
     pm = attach_lora(copy.deepcopy(base), lora, freeze_a=True)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -76,7 +77,7 @@ def build(name: str, base: torch.nn.Module, lora: LoraConfig, batch: int, lr: fl
 
 
 def step(v: Variant, batch: dict[str, torch.Tensor], autocast: torch.autocast | None) -> None:
-    from fedslm.train import sequence_losses
+    from fedslm.site.train import sequence_losses
 
     v.optimizer.zero_grad(set_to_none=True)
     if autocast is not None:

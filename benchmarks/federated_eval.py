@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from fedslm import quiet
-from fedslm.eval_data import eval_set
-from fedslm.evaluate import evaluate_dir
-from fedslm.export import export_run
-from fedslm.hydra_config import compose_run_config
+from fedslm.use.eval_data import eval_set
+from fedslm.use.evaluate import evaluate_dir
+from fedslm.use.export import export_run
+from fedslm.config.compose import compose_run_config
 from fedslm.model import resolve_model_dir
-from fedslm.simulation import simulate
+from simulations.simulate import simulate
 
 SHARED = Path(__file__).resolve().parents[1] / "../shared/data"
 

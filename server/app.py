@@ -1,4 +1,4 @@
-"""Flower ServerApp: reads the run's config and hands the rounds to fedslm.federation."""
+"""Flower ServerApp: reads the run's config and hands the rounds to fedslm.server.run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import RunConfig, from_run_config, validate
-from fedslm.federation import run_server
+from fedslm.server.run import run_server
 
 
 def build_server_app(cfg: RunConfig | None = None) -> ServerApp:

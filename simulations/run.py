@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedslm.config import ConfigError
-from fedslm.hydra_config import register_schema, to_run_config_object
+from fedslm.config.compose import register_schema, to_run_config_object
 
 register_schema()
 
@@ -25,8 +25,8 @@ def main(dcfg: DictConfig) -> float | None:
 
     from fedslm.data.errors import DataError
     from fedslm.data.sites import is_synthetic
-    from fedslm.demo import print_summary, show_demo_answers
-    from fedslm.simulation import simulate
+    from simulations.demo import print_summary, show_demo_answers
+    from simulations.simulate import simulate
 
     try:
         summary = simulate(cfg)

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random Llama (no downloads) and a matching run config."""
+"""Shared fixtures: a tiny random Llama (no downloads) and a run config composed from the
+shipped conf/ (model=tiny), so what the tests train is what the product ships."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -22,15 +24,21 @@ def model_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("model-cache"))
 
 
+@pytest.fixture(scope="session")
+def shipped_tiny_cfg() -> RunConfig:
+    """`python -m simulations.run model=tiny` as composed from conf/ (composed once)."""
+    from fedslm.config.compose import compose_run_config
+
+    return compose_run_config(["model=tiny"])
+
+
 @pytest.fixture
-def tiny_cfg(model_cache, tmp_path) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.source = "tiny"
+def tiny_cfg(shipped_tiny_cfg, model_cache, tmp_path) -> RunConfig:
+    """The shipped tiny-model run, sized down for a test."""
+    cfg = copy.deepcopy(shipped_tiny_cfg)
     cfg.model.cache_dir = model_cache
     cfg.data.train_examples = 48
     cfg.data.eval_examples = 6
-    cfg.data.max_length = 512
-    cfg.train.local_steps = 3
     cfg.train.batch_size = 4
     cfg.train.threads = 0
     cfg.train.progress = False

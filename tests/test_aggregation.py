@@ -8,16 +8,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedslm.adapter import adapter_state, attach_lora, load_adapter_state
-from fedslm.aggregation import LoraSetup, build_strategy
+from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state
+from fedslm.server.strategy import LoraSetup, build_strategy
 from fedslm.config import StrategyConfig
 from fedslm.data.clinic import generate_site
 from fedslm.data.tokenize import TokenizedDataset
-from fedslm.lora_algebra import a_key, b_key, dense
-from fedslm.lora_schemes import SiteUpdate, make_scheme
+from fedslm.lora.algebra import a_key, b_key, dense
+from fedslm.lora.schemes import SiteUpdate, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.reporting import RunRecorder
-from fedslm.train import train_local
+from fedslm.server.record import RunRecorder
+from fedslm.site.train import train_local
 from fedslm.transport import from_record, record_bytes, to_record
 
 LAYERS = {"m.l0.q_proj": (12, 10), "m.l0.down_proj": (10, 16)}  # layer -> (out, in)
@@ -94,7 +94,7 @@ def test_exact_truncation_error_is_the_discarded_singular_values():
         best = best.U[:, :RANK] @ torch.diag(best.S[:RANK]) @ best.Vh[:RANK]
         got = (ALPHA / RANK) * new[b_key(layer)].double() @ new[a_key(layer)].double()
         torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
-    from fedslm.lora_algebra import relative_error, weighted_sum
+    from fedslm.lora.algebra import relative_error, weighted_sum
 
     err = relative_error(aggregate, weighted_sum([scheme.update_terms(u.tensors, u.rank) for u in updates],
                                                  [u.weight for u in updates]))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fedslm.audit import audit, auc_and_tpr, epsilon_lower_bound, exposure_bits, one_run_guesses
+from fedslm.privacy.audit import audit, auc_and_tpr, epsilon_lower_bound, exposure_bits, one_run_guesses
 from fedslm.data.canaries import canary_examples, make_canaries
-from fedslm.simulation import simulate
+from inprocess import run_in_process
 
 
 def test_exposure_bits():
@@ -51,20 +51,20 @@ def _audit_run(cfg, private: bool) -> dict:
     cfg.output_dir = str(Path(cfg.output_dir).parent / ("dp" if private else "nodp"))
     cfg.privacy.enabled = private
     cfg.privacy.max_noise_multiplier = 50.0
-    simulate(cfg, echo=lambda *_: None)
+    run_in_process(cfg)
     canary_file = Path(cfg.output_dir) / "audit" / "site-0-canaries.json"
     assert canary_file.is_file()
     assert json.loads(canary_file.read_text())["site"] == 0
     return audit(Path(cfg.output_dir), candidates=63, echo=lambda *_: None)
 
 
-@pytest.mark.slow
 def test_non_dp_run_exposes_canaries_that_dp_hides(tiny_cfg):
     """A non-DP run that overfits its small site memorises the planted secrets; the DP
     run with the same data, steps and seeds does not."""
     cfg = tiny_cfg
-    cfg.federation.sites, cfg.federation.rounds, cfg.federation.ray_cpus = 1, 2, 1
-    cfg.train.threads, cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr = 1, 40, 8, 0.02
+    cfg.federation.sites, cfg.federation.rounds = 1, 2
+    cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr = 40, 8, 0.02
+    cfg.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cfg.data.train_examples, cfg.data.eval_examples = 24, 16
     cfg.privacy.canaries, cfg.privacy.canary_repeats = 16, 2
     nodp, dp = _audit_run(cfg, private=False), _audit_run(cfg, private=True)

@@ -15,7 +15,7 @@ from fedslm.data.sites import build_site_data, node_data_config, site_rows, site
 from fedslm.data.sources import load_table
 from fedslm.data.tokenize import encode
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.train import check_site_size
+from fedslm.privacy.plan import check_site_size
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -269,7 +269,7 @@ def test_split_too_small_for_the_privacy_target_says_how_many_are_needed():
 
 @pytest.mark.skipif(not (SHARED / "banking77" / "train.jsonl").exists(), reason="../shared/data not present")
 def test_real_presets_partition_as_documented():
-    from fedslm.hydra_config import register_schema, to_run_config_object
+    from fedslm.config.compose import register_schema, to_run_config_object
     from hydra import compose, initialize_config_dir
 
     register_schema()

@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedslm import app_config
-from fedslm.certs import make_certs
+from fedslm.config import pyproject as app_config
+from fedslm.deploy.certs import make_certs
 from fedslm.cli import main as cli
 from fedslm.config import RunConfig, from_run_config, validate
 
@@ -27,9 +27,9 @@ def test_pyproject_run_config_is_the_hydra_default_run():
 def test_the_table_parses_back_to_the_simulation_config():
     table = app_config.pyproject_table()
     deployed = validate(from_run_config(table))
-    # the DP recipe of conf/privacy/dp.yaml, not the dataclass defaults
+    # the DP recipe, and every other value, exactly the one set of defaults
     assert deployed.train.lr == 0.1 and deployed.lora.target_modules == ["q_proj", "v_proj"]
-    assert deployed.train.lr != RunConfig().train.lr
+    assert deployed == RunConfig(output_dir=app_config.DEPLOY_OVERRIDES["output_dir"])
     assert set(table) == set(app_config.hydra_defaults())  # every key is overridable by flwr run
 
 

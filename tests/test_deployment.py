@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedslm.app_config import pyproject_table
+from fedslm.config.pyproject import pyproject_table
 from fedslm.config import ModelConfig
-from fedslm.loopback import Loopback, run_config_string, wait_for
+from fedslm.deploy.loopback import Loopback, run_config_string, wait_for
 from fedslm.model import resolve_model_dir
 
 pytestmark = pytest.mark.deployment
@@ -66,7 +66,7 @@ def test_a_site_without_a_registered_key_is_refused(fed):
 
 
 def test_a_server_the_site_does_not_trust_is_refused(fed, tmp_path):
-    from fedslm.certs import make_certs
+    from fedslm.deploy.certs import make_certs
 
     other = make_certs(tmp_path / "other-ca", ["127.0.0.1"], sites=0)
     node = fed.start_node(0, ca=other.ca_cert, name="distrustful")

@@ -9,13 +9,14 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from fedslm.adapter import adapter_state, attach_lora
+from fedslm.lora.adapter import adapter_state, attach_lora
 from fedslm.config import PrivacyConfig
 from fedslm.data.clinic import generate_site
 from fedslm.data.tokenize import TokenizedDataset, make_collate
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import RDP_ALPHAS, BudgetExceededError, PrivacyLedger, calibrate_noise
-from fedslm.train import DPContext, plan_dp, sequence_losses, train_local
+from fedslm.privacy.accounting import RDP_ALPHAS, BudgetExceededError, PrivacyLedger, calibrate_noise
+from fedslm.privacy.plan import plan_dp
+from fedslm.site.train import DPContext, sequence_losses, train_local
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_clipping_and_noise_seen_by_the_optimizer(tiny, tiny_cfg):
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
     gsm = GradSampleModule(pm)
     ds = _dataset(tok, 32)
-    cfg = PrivacyConfig(epsilon=8.0, max_grad_norm=0.05)
+    cfg = PrivacyConfig(epsilon=8.0, max_grad_norm=0.05, grad_sample_mode="hooks")  # GradSampleModule below
     tiny_cfg.train.batch_size = 8
     tiny_cfg.train.local_steps = 4
     plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds=1)
@@ -120,7 +121,7 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
     gsm = GradSampleModule(pm)
     ds = _dataset(tok, 40)
-    cfg = PrivacyConfig(epsilon=8.0, delta=1e-5)
+    cfg = PrivacyConfig(epsilon=8.0, delta=1e-5, grad_sample_mode="hooks")
     rounds, steps = 5, tiny_cfg.train.local_steps
     plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds)
     ledger, eps = PrivacyLedger(), []
@@ -150,7 +151,7 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode):
-    from fedslm.train import wrap_for_dp
+    from fedslm.privacy.dp_step import wrap_for_dp
 
     model, tok = tiny
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
@@ -174,7 +175,7 @@ def test_ledger_survives_serialisation():
 
 def test_calibration_covers_the_expected_participation():
     from fedslm.config import FederationConfig
-    from fedslm.privacy import expected_rounds
+    from fedslm.privacy.accounting import expected_rounds
 
     assert expected_rounds(FederationConfig(rounds=5, fraction_train=1.0)) == 5
     assert expected_rounds(FederationConfig(rounds=5, fraction_train=0.5)) == 4  # 2 of 3 sites a round
@@ -193,7 +194,7 @@ def test_gradient_accumulation_equals_the_unsplit_logical_batch(tiny, tiny_cfg):
     batches, same noise, same update, and one accounted step per logical batch."""
     model, tok = tiny
     ds = _dataset(tok, 32)
-    cfg = PrivacyConfig(epsilon=8.0)
+    cfg = PrivacyConfig(epsilon=8.0, grad_sample_mode="hooks")
     tiny_cfg.train.batch_size = 8
     tiny_cfg.train.local_steps = 3
     plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds=1)
@@ -216,7 +217,7 @@ def test_gradient_accumulation_equals_the_unsplit_logical_batch(tiny, tiny_cfg):
 def test_grad_sample_modes_give_the_same_private_update_as_hooks(tiny, tiny_cfg, mode):
     """Same Poisson batches and noise: functorch and ghost clipping must reproduce the
     hooks update (ghost without ever materialising per-sample gradients)."""
-    from fedslm.train import wrap_for_dp
+    from fedslm.privacy.dp_step import wrap_for_dp
 
     model, tok = tiny
     ds = _dataset(tok, 32)

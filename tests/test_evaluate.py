@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fedslm.data.tokenize import chat_prompt
-from fedslm.eval_data import EvalSet
-from fedslm.evaluate import EvalError, evaluate_model
+from fedslm.use.eval_data import EvalSet
+from fedslm.use.evaluate import EvalError, evaluate_model
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.scoring import macro_f1, option_logprobs
+from fedslm.use.scoring import macro_f1, option_logprobs
 
 
 def _tiny(tiny_cfg):
@@ -144,7 +144,7 @@ def test_evaluate_command_writes_eval_json_with_a_baseline(tiny_cfg, uniform_mod
 def test_evaluate_held_out_split_is_the_federations(tiny_cfg, tmp_path):
     """split=eval gives exactly the rows the sites held out, none they trained on."""
     from fedslm.data.sites import site_rows
-    from fedslm.eval_data import config_for_data, eval_set
+    from fedslm.use.eval_data import config_for_data, eval_set
 
     data, _ = _labelled_file(tmp_path)
     cfg, _ = config_for_data(tmp_path, str(data), ["data.shape=classification", "federation.sites=2",
@@ -175,7 +175,7 @@ def test_evaluate_command_errors(tmp_path, uniform_model_dir, capsys):
 
 
 def test_chat_keeps_the_conversation(tiny_cfg, capsys):
-    from fedslm.generate import chat
+    from fedslm.use.chat import chat
 
     lines = iter(["Hello", "And then?", "/reset", "New topic"])
 

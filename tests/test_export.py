@@ -7,9 +7,9 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from fedslm.adapter import adapter_state, attach_lora
+from fedslm.lora.adapter import adapter_state, attach_lora
 from fedslm.data.tokenize import chat_prompt
-from fedslm.export import build_adapted, export_merged
+from fedslm.use.export import build_adapted, export_merged
 from fedslm.model import load_base_model, resolve_model_dir
 
 
@@ -48,7 +48,7 @@ def test_merged_model_matches_base_plus_adapter(tiny_cfg, tmp_path):
 
 def _run_dir(tiny_cfg, tmp_path):
     """What a finished federation leaves behind: its config and a round's global adapter."""
-    from fedslm.checkpoint import adapter_path, save_adapter
+    from fedslm.rundir import adapter_path, save_adapter
     from fedslm.config import to_run_config
 
     run = tmp_path / "run"
@@ -93,7 +93,7 @@ def test_export_command_names_what_is_wrong(tiny_cfg, tmp_path, capsys):
 
 def test_generate_streams_an_answer_and_refuses_a_non_model(tiny_cfg, tmp_path, capsys):
     from fedslm.cli import main
-    from fedslm.generate import stream_answer
+    from fedslm.use.chat import stream_answer
 
     text = stream_answer(resolve_model_dir(tiny_cfg.model), "Hello?", max_new_tokens=6)
     assert capsys.readouterr().out.strip() == text  # what streamed is the answer returned

@@ -9,14 +9,17 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fedslm.adapter import attach_lora
-from fedslm.config import LORA_TARGETS, PrivacyConfig, validate
+from fedslm.lora.adapter import attach_lora
+from fedslm.lora.adapter import LORA_TARGETS
+from fedslm.config import PrivacyConfig, validate
 from fedslm.data.clinic import generate_site
 from fedslm.data.tokenize import TokenizedDataset, make_collate
-from fedslm.lora_grad_sample import PerSampleGradLinear, disable_per_sample_grads, wrap_lora_for_dp
+from fedslm.lora.grad_sample import PerSampleGradLinear, disable_per_sample_grads, wrap_lora_for_dp
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import PrivacyLedger
-from fedslm.train import DPContext, plan_dp, sequence_losses, train_local, wrap_for_dp
+from fedslm.privacy.accounting import PrivacyLedger
+from fedslm.privacy.dp_step import wrap_for_dp
+from fedslm.privacy.plan import plan_dp
+from fedslm.site.train import DPContext, sequence_losses, train_local
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ def test_client_app_import_leaves_training_only_modules_out():
 def test_rdp_orders_extend_opacus_defaults():
     from opacus.accountants import RDPAccountant
 
-    from fedslm.privacy import RDP_ALPHAS
+    from fedslm.privacy.accounting import RDP_ALPHAS
 
     n = len(RDPAccountant.DEFAULT_ALPHAS)
     assert RDP_ALPHAS[:n] == list(RDPAccountant.DEFAULT_ALPHAS)

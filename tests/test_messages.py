@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedslm.adapter import adapter_state, attach_lora
+from fedslm.lora.adapter import adapter_state, attach_lora
 from fedslm.model import load_base_model, resolve_model_dir
-from fedslm.privacy import BudgetExceededError
-from fedslm.site import handle_evaluate, handle_train, runtime_for
+from fedslm.privacy.accounting import BudgetExceededError
+from fedslm.site.handlers import handle_evaluate, handle_train, runtime_for
 from fedslm.transport import to_record
 
 TRAIN_METRICS = {"num-examples", "site", "lora_r", "train_loss", "epsilon", "epsilon_rdp", "epsilon_prv",
@@ -135,7 +135,7 @@ def test_site_trains_the_rank_its_node_config_sets(tiny_cfg, flower_identity):
     """A deployed site with less hardware sets --node-config lora-r=2: under exact it trains
     and sends rank 2 (the leading components of the global); under ffa it refuses."""
     from fedslm.config import ConfigError
-    from fedslm.lora_schemes import make_scheme
+    from fedslm.lora.schemes import make_scheme
 
     with pytest.raises(ConfigError, match="heterogeneous ranks need strategy=exact or stack"):
         handle_train(_message(tiny_cfg, "train"), _context(**{"lora-r": 2}), tiny_cfg, progress=False)

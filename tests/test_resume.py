@@ -1,6 +1,6 @@
 """A coordinator that dies after a round and is restarted with resume=true ends with the
-same global adapter as a run that never stopped (simulation engine; the deployment test
-kills a real SuperLink)."""
+same global adapter as a run that never stopped (the real server run with in-process
+sites; the deployment test kills a real SuperLink)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedslm import resume
+from fedslm.rundir import save_tensors
+from fedslm.server import checkpoint as resume
 from fedslm.config import ConfigError, validate
-from fedslm.simulation import simulate
+from inprocess import run_in_process
 
 
 class CoordinatorCrash(RuntimeError):
@@ -23,8 +24,7 @@ class CoordinatorCrash(RuntimeError):
 
 def _cfg(tiny_cfg, out: Path):
     cfg = copy.deepcopy(tiny_cfg)
-    cfg.federation.sites, cfg.federation.rounds, cfg.federation.ray_cpus = 2, 2, 2
-    cfg.train.threads = 1
+    cfg.federation.sites, cfg.federation.rounds = 2, 2
     cfg.train.local_steps = 2
     # FedAdam's m_t, v_t and bias correction (which counts rounds) must survive the restart
     cfg.strategy.server_optimizer, cfg.strategy.server_lr = "fedadam", 0.01
@@ -37,30 +37,29 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapters" / "round_002.safetensors"))
 
 
-@pytest.mark.slow
 def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys):
     full = _cfg(tiny_cfg, tmp_path / "full")
-    simulate(full, echo=lambda *_: None)
+    run_in_process(full)
 
     crashed = _cfg(tiny_cfg, tmp_path / "crashed")
-    save = resume.ResumableRounds.save
+    save = resume.save
 
-    def save_then_die(self, server_round):
-        save(self, server_round)
+    def save_then_die(run_dir, server_round, *args):
+        save(run_dir, server_round, *args)
         if server_round == 1:
             raise CoordinatorCrash("coordinator killed after round 1")
 
-    monkeypatch.setattr(resume.ResumableRounds, "save", save_then_die)
+    monkeypatch.setattr(resume, "save", save_then_die)
     with pytest.raises(CoordinatorCrash):
-        simulate(crashed, echo=lambda *_: None)
-    monkeypatch.setattr(resume.ResumableRounds, "save", save)
+        run_in_process(crashed)
+    monkeypatch.setattr(resume, "save", save)
     run = Path(crashed.output_dir)
     assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 1
     assert not (run / "adapters" / "round_002.safetensors").exists()
 
     capsys.readouterr()
     crashed.resume = True
-    summary = simulate(crashed, echo=lambda *_: None)
+    summary = run_in_process(crashed, echo=print)
     out = capsys.readouterr().out
     assert f"resuming {run} after round 1/2" in out and "round 0 (base model)" not in out
 
@@ -75,7 +74,7 @@ def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg,
 
 
 def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tiny_cfg, tmp_path):
-    from fedslm.federation import _checkpoint_to_resume
+    from fedslm.server.run import checkpoint_to_resume as _checkpoint_to_resume
 
     cfg = _cfg(tiny_cfg, tmp_path / "run")
     cfg.resume = True
@@ -84,8 +83,8 @@ def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tiny_cfg, tmp_
 
     ck = Path(cfg.output_dir) / "checkpoint"
     ck.mkdir(parents=True)
-    resume._save(ck / "global.safetensors", {"x": torch.zeros(2)})
-    (ck / "state.json").write_text(json.dumps({"round": 1, "run_key": "k", "recorder": {}}))
+    save_tensors(ck / "global.safetensors", {"x": torch.zeros(2)})
+    (ck / "state.json").write_text(json.dumps({"round": 1, "run_key": "k", "parts": {}}))
     from fedslm.config import to_run_config
 
     saved = to_run_config(cfg)
@@ -99,27 +98,37 @@ def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tiny_cfg, tmp_
         validate(cfg)
 
 
-def test_optimizer_state_round_trips(tmp_path):
-    """FedAdam's dicts, FedAvgM's record and list, and a DP wrapper's clip norm come back equal."""
+def test_optimizer_state_round_trips_through_the_checkpoint_files(tmp_path):
+    """FedAdam's dicts, FedAvgM's record and list, and a DP wrapper's clip norm, saved as
+    checkpoint parts to disk and loaded into fresh objects, come back equal and in their
+    own dtypes (float64 moments stay float64)."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    class Inner:
-        m_t = {"a": np.arange(3.0)}
-        v_t = {"a": np.ones(3)}
-        current_arrays = ArrayRecord({"a": Array(np.arange(3, dtype=np.float32))})
-        momentum_vector = [np.full(2, 0.5)]
+    from fedslm.server.strategy import WrapperState
 
-    class Wrapper:
-        strategy = Inner()
+    class Optimiser:
+        def __init__(self):
+            self.m_t = {"a": np.arange(3.0)}
+            self.v_t = {"a": np.ones(3)}
+            self.current_arrays = ArrayRecord({"a": Array(np.arange(3, dtype=np.float32))})
+            self.momentum_vector = [np.full(2, 0.5)]
+
+    class DPWrapper:
         clipping_norm = 0.25
 
-    tensors, layout = resume.strategy_state(Wrapper())
-    fresh = Wrapper()
-    fresh.strategy = type("Empty", (), {})()
-    fresh.clipping_norm = 1.0
-    resume.restore_strategy_state(fresh, tensors, json.loads(json.dumps(layout)))
-    assert np.array_equal(fresh.strategy.m_t["a"], np.arange(3.0))
-    assert np.array_equal(fresh.strategy.current_arrays["a"].numpy(), np.arange(3, dtype=np.float32))
-    assert np.array_equal(fresh.strategy.momentum_vector[0], np.full(2, 0.5))
-    assert fresh.clipping_norm == 0.25
+    saved_opt, saved_dp = Optimiser(), DPWrapper()
+    resume.save(tmp_path, 3, "key", {"w": torch.ones(2, dtype=torch.float64)},
+                {"strategy": WrapperState(saved_opt), "client_dp": WrapperState(saved_dp)})
+
+    fresh_opt, fresh_dp = type("Empty", (), {})(), DPWrapper()
+    fresh_dp.clipping_norm = 1.0
+    ckpt = resume.Checkpoint.load(tmp_path)
+    arrays = ckpt.restore({"strategy": WrapperState(fresh_opt), "client_dp": WrapperState(fresh_dp)})
+    assert (ckpt.server_round, ckpt.run_key) == (3, "key")
+    assert arrays["w"].numpy().dtype == np.float64
+    assert np.array_equal(fresh_opt.m_t["a"], np.arange(3.0)) and fresh_opt.m_t["a"].dtype == np.float64
+    assert np.array_equal(fresh_opt.v_t["a"], np.ones(3))
+    assert np.array_equal(fresh_opt.current_arrays["a"].numpy(), np.arange(3, dtype=np.float32))
+    assert np.array_equal(fresh_opt.momentum_vector[0], np.full(2, 0.5))
+    assert fresh_dp.clipping_norm == 0.25

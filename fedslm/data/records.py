@@ -16,6 +16,10 @@ from fedslm.config import DataConfig
 from fedslm.data.errors import DataError
 
 
+# data.shape: what one row becomes (see the module docstring)
+SHAPES = ("instruction", "chat", "text", "classification")
+
+
 def required_columns(cfg: DataConfig) -> list[str]:
     if cfg.shape == "chat":
         return [cfg.messages_column]

@@ -25,6 +25,9 @@ from fedslm.data.records import check_columns, check_labels, load_label_set, to_
 from fedslm.data.sources import load_table
 from fedslm.data.tokenize import TokenizedDataset, tokenize_table
 
+# data.partitioner: how one table becomes sites (the branches of _partition)
+PARTITIONERS = ("iid", "dirichlet", "natural", "natural_sample")
+
 # SuperNode --node-config keys a site sets for its own data (never sent to the server)
 NODE_DATA_KEYS = {"data-path": "path", "data-format": "format", "data-eval-path": "eval_path"}
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import datasets
 
-from fedslm.config import FILE_FORMATS
 from fedslm.data.errors import DataError
+
+# the formats read from a file by extension or data.format (anything else is a builder name)
+FILE_FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
 
 _BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
               ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}

@@ -1,0 +1,27 @@
+"""Files that are either whole or absent: written beside their target, then renamed.
+
+A crash mid-write must never leave a truncated ledger (it would under-count epsilon), a
+half-written checkpoint (resume would load garbage) or a partial adapter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: Path | str, write: Callable[[Path], object] | str) -> Path:
+    """Write `path` through a temporary sibling and one rename. `write` is the text to
+    write, or a function that writes the file at the path it is given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(write, str):
+            tmp.write_text(write)
+        else:
+            write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,240 @@
+"""A whole deployment on 127.0.0.1: SuperLink with TLS and node authentication, one
+SuperNode per site, `flwr run`. Used by the deployment tests and the round-time benchmark;
+the commands are the README's (Deploy), with local ports and paths.
+
+Every process is started in its own session and ended by its process group id, so the
+SuperExec and ClientApp processes Flower spawns go with it; nothing is found by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedslm.deploy.certs import CertPaths, make_certs, make_node_keys
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live beside python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a new server could listen on the port now. SO_REUSEADDR as servers set it:
+    connections of killed processes left in TIME_WAIT do not count, a live listener does."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    port: int
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the process, its process group, every descendant by pid, and the process
+        group of any descendant that leads one: Flower starts the SuperExec in a session of
+        its own (start_new_session), and the ServerApp/ClientApp processes it spawns join
+        that group, so the group of the process started here alone would leave them running.
+        Then wait (bounded) until every one of them is gone."""
+        import psutil
+
+        family: dict[int, psutil.Process] = {}
+        for _ in range(3):  # a child spawned while we were killing is caught on the next pass
+            try:
+                found = psutil.Process(self.popen.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                found = []
+            new = [p for p in found if p.pid not in family]
+            family.update((p.pid, p) for p in new)
+            groups = {self.popen.pid}
+            for p in new:
+                try:
+                    if os.getpgid(p.pid) == p.pid:  # a group leader of its own (the SuperExec)
+                        groups.add(p.pid)
+                except ProcessLookupError:
+                    pass
+            for group in groups:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for p in new:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            if not new and self.popen.poll() is not None:
+                break
+        self.popen.wait(timeout=30)
+        deadline = time.time() + 20
+        while (alive := [p for p in family.values() if _running(p)]) and time.time() < deadline:
+            time.sleep(0.2)
+        if alive:
+            raise RuntimeError(f"{self.name}: processes {[p.pid for p in alive]} still alive after SIGKILL")
+
+
+def _running(proc) -> bool:
+    """Alive and not a zombie (an orphan whose exit the init process has not reaped yet
+    holds no port and no memory)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class Loopback:
+    root: Path
+    sites: int = 2
+    certs: CertPaths | None = None
+    link_port: int = 0
+    procs: list[Proc] = field(default_factory=list)
+    link: Proc | None = None
+    nodes: dict[int, Proc] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        (self.root / "flwr-home").mkdir(parents=True, exist_ok=True)
+        self.certs = make_certs(self.root / "certs", ["127.0.0.1"], self.sites)
+        self.link_port = self.link_port or free_port()
+        # the coordinator's `flwr` talks to the SuperLink through a named connection
+        (self.root / "flwr-home" / "config.toml").write_text(
+            '[superlink]\ndefault = "fedslm"\n\n[superlink.fedslm]\n'
+            f'address = "127.0.0.1:{self.link_port}"\nroot-certificates = "{self.certs.ca_cert}"\n'
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.root / "flwr-home")
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # SuperLink/SuperNode spawn flower-superexec
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        env["FEDSLM_NO_PROGRESS"] = "1"
+        return env
+
+    def _start(self, name: str, cmd: list[str], port: int) -> Proc:
+        log = self.root / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                     start_new_session=True)
+        proc = Proc(name, popen, log, port)
+        self.procs.append(proc)
+        return proc
+
+    def start_link(self) -> Proc:
+        c = self.certs
+        self.link = self._start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
+            "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--database", str(self.root / "superlink.db"), "--port", str(self.link_port),
+        ], self.link_port)
+        wait_for(lambda: "Uvicorn running on https://" in self.link.text(), 60, "the SuperLink to listen", self.link)
+        return self.link
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        # run outside the repository: `flwr` would migrate a pyproject it finds in the cwd
+        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env,
+                              cwd=self.root, timeout=timeout)
+
+    def register(self, site: int) -> None:
+        res = self.flwr("supernode", "register", str(self.certs.site_keys[site][1]), "fedslm")
+        if res.returncode != 0 or "registered successfully" not in res.stdout:
+            raise RuntimeError(f"registering site {site} failed: {res.stdout}{res.stderr}")
+
+    def start_node(self, site: int, node_config: str = "", key: Path | None = None, ca: Path | None = None,
+                   name: str | None = None) -> Proc:
+        port = free_port()
+        state = self.root / f"site-{site}-state"
+        cfg = f'site-id={site} state-dir="{state}" {node_config}'.strip()
+        proc = self._start(name or f"supernode-{site}", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}",
+            "--root-certificates", str(ca or self.certs.ca_cert),
+            "--auth-supernode-private-key", str(key or self.certs.site_keys[site][0]),
+            "--port", str(port), "--node-config", cfg,
+        ], port)
+        if name is None:
+            self.nodes[site] = proc
+        return proc
+
+    def online_nodes(self) -> int:
+        """How many registered SuperNodes the SuperLink sees online now."""
+        import json
+
+        res = self.flwr("supernode", "list", "fedslm", "--format", "json")
+        try:
+            nodes = json.loads(res.stdout)["nodes"]
+        except (ValueError, KeyError):
+            return 0
+        return sum(n.get("status") == "online" for n in nodes)
+
+    def unregistered_key(self) -> Path:
+        return make_node_keys(self.root / "certs", "stranger")[0]
+
+    def run(self, run_config: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`flwr run` the app in this repository and stream its log until it ends."""
+        return self.flwr("run", str(REPO_ROOT), "fedslm", "--stream", "--run-config", run_config, timeout=timeout)
+
+    def run_async(self, run_config: str) -> Proc:
+        return self._start("flwr-run", [str(BIN / "flwr"), "run", str(REPO_ROOT), "fedslm", "--stream",
+                                        "--run-config", run_config], 0)
+
+    def stop(self) -> list[int]:
+        """End every process started here; returns the ports still taken (should be none)."""
+        for proc in reversed(self.procs):
+            proc.kill()
+        ports = {p.port for p in self.procs if p.port}
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(port_is_free(p) for p in ports):
+            time.sleep(0.5)
+        return sorted(p for p in ports if not port_is_free(p))
+
+
+def wait_for(check, timeout: float, what: str, proc: Proc | None = None, interval: float = 0.3) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.text()[-3000:]}")
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
+                       + (f"; {proc.name} log:\n{proc.text()[-3000:]}" if proc else ""))
+
+
+def run_config_string(values: dict) -> str:
+    """`--run-config` text: TOML values, strings quoted."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        return repr(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())

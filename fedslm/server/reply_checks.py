@@ -1,0 +1,69 @@
+"""Checks a site's training reply must pass before it can touch the global adapter.
+
+Each returns None when the reply is fine, or one sentence saying what is wrong; the
+strategy rejects the reply with that sentence and the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedslm.lora.schemes import Scheme, SiteUpdate
+
+WEIGHT_KEY = "num-examples"
+
+
+def reply_problem(content, scheme: Scheme, global_rank: int) -> str | None:
+    """Records, weight, rank, exact key set and shapes for that rank, dtype, finiteness."""
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return "reply lacks the 'arrays' or 'metrics' record"
+    metrics = content.metric_records["metrics"]
+    weight = metrics.get(WEIGHT_KEY)
+    if not isinstance(weight, (int, float)) or weight <= 0:
+        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
+    rank = metrics.get("lora_r")
+    if not isinstance(rank, int) or not 1 <= rank <= global_rank:
+        return f"'lora_r' must be an integer rank in [1, {global_rank}], got {rank!r}"
+    if rank != global_rank and not scheme.mixed_ranks:
+        return (f"site trains rank {rank} but strategy {scheme.name} needs every site at the global rank "
+                f"{global_rank}; heterogeneous ranks need strategy=exact or stack")
+    expected = scheme.reply_shapes(rank)
+    arrays = content.array_records["arrays"]
+    keys = set(arrays.keys())
+    if keys != set(expected):
+        return (f"adapter keys differ from those of a rank-{rank} {scheme.name} adapter: "
+                f"{len(set(expected) - keys)} missing, {len(keys - set(expected))} unexpected")
+    for key, arr in arrays.items():
+        if tuple(arr.shape) != expected[key]:
+            return f"{key}: shape {tuple(arr.shape)}, expected {expected[key]} for rank {rank}"
+        values = arr.numpy()
+        if values.dtype not in (np.float32, np.float16):
+            return f"{key}: dtype {values.dtype}, expected float32 or float16"
+        if not np.isfinite(values).all():
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+def unchanged_or_zero(scheme: Scheme, update: SiteUpdate, sent: dict[str, torch.Tensor]) -> str | None:
+    """An all-zero adapter, or one equal to what the site received: training did not
+    happen (the silent failure when per-sample gradient hooks miss the LoRA weights)."""
+    if all(not torch.any(t) for t in update.tensors.values()):
+        return "every tensor is identically zero"
+    start = scheme.site_start(sent, update.rank, None)
+    if all(torch.equal(update.tensors[k], v) for k, v in start.items()):
+        return "identical to the adapter the site received (nothing was trained)"
+    return None
+
+
+def norm_outliers(norms: list[float], ratio: float) -> dict[int, str]:
+    """Indices of update norms above `ratio` x the median, with the reason. Needs 3 or more
+    updates: with two, the median cannot tell which one is wrong."""
+    if ratio <= 0 or len(norms) < 3:
+        return {}
+    median = float(np.median(norms))
+    return {
+        i: f"update norm {n:.3g} is {n / median:.1f}x the round's median {median:.3g} (limit {ratio:g}x, strategy.max_norm_ratio)"
+        for i, n in enumerate(norms)
+        if median > 0 and n > ratio * median
+    }

@@ -1,0 +1,284 @@
+"""LoRA-aware aggregation as a Flower Message-API strategy.
+
+`LoraStrategy` is a FedAvg subclass that hands the arithmetic to a scheme
+(fedslm.lora.schemes: fedavg, ffa, exact, stack) and adds what a federation of real sites
+needs around it: a deterministic draw of the sites per round, every reply checked before
+it is used (fedslm.server.reply_checks), the aggregation error measured, bytes counted, and each
+round recorded. Flower's server optimisers (FedAvgM, FedAdam, FedYogi) are put in front of
+it by `build_strategy`, so their state and update rules are Flower's own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedslm.config import RunConfig, StrategyConfig
+from fedslm.lora.algebra import distance, relative_error, weighted_sum
+from fedslm.lora.schemes import Scheme, SiteUpdate
+from fedslm.server.optimisers import optimiser_class, optimiser_kwargs
+from fedslm.server.reply_checks import WEIGHT_KEY, norm_outliers, reply_problem, unchanged_or_zero
+from fedslm.server.record import RunRecorder
+from fedslm.transport import from_record, record_bytes, to_record
+
+
+
+class LoraStrategy(FedAvg):
+    """FedAvg's round structure with LoRA-aware aggregation and validated replies.
+
+    Its own settings come from the class attribute `setup` (a LoraSetup), because Flower's
+    optimiser strategies, put before it in the MRO, call FedAvg's constructor with
+    FedAvg's arguments only.
+    """
+
+    setup: LoraSetup
+
+    def __init__(self, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        self.exhausted: set[int] = set()  # nodes whose privacy budget is spent
+        self.current: dict | None = None  # the global adapter sent this round (fp32)
+        self.sent: dict | None = None  # ... as the sites received it (transport dtype)
+        self.errors: dict[int, float] = {}
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.setup.scheme
+
+    @property
+    def recorder(self) -> RunRecorder:
+        return self.setup.recorder
+
+    def _downlink(self, arrays: ArrayRecord) -> ArrayRecord:
+        return to_record(from_record(arrays), self.setup.transport_dtype)
+
+    # --- which sites train ----------------------------------------------------------
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """The round's sites: drawn with a generator seeded by (seed, round) over the sites
+        sorted by site id (node ids differ between runs; site ids do not)."""
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough nodes
+        nodes = [n for n in nodes if n not in self.exhausted]
+        site_of = self.recorder.node_site
+        order = sorted(nodes, key=lambda n: (site_of.get(n, math.inf), n))
+        want = self.setup.per_round or max(1, int(len(order) * self.fraction_train))
+        k = min(len(order), max(want, self.min_train_nodes))
+        return sorted(random.Random(self.setup.seed * 100_003 + server_round).sample(order, k))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.recorder.round_started(server_round)
+        down = self._downlink(arrays)
+        self.current, self.sent = from_record(arrays), from_record(down)
+        if self.exhausted:
+            self.recorder.note(server_round, f"{len(self.exhausted)} site(s) with a spent privacy budget not asked to train")
+        config["server-round"] = server_round
+        nodes = self.sample(server_round, grid)
+        self.recorder.add_bytes_down(server_round, record_bytes(down) * len(nodes))
+        record = RecordDict({"arrays": down, "config": config})
+        return self._construct_messages(record, nodes, "train")
+
+    # --- replies -> the next global adapter -----------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: list[tuple[Message, SiteUpdate]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                if msg.error.reason.startswith("BudgetExceededError"):
+                    self.exhausted.add(node)
+                self.recorder.rejected(server_round, node, f"site error: {msg.error.reason}")
+                continue
+            problem = reply_problem(msg.content, self.scheme, self.setup.global_rank)
+            update = None
+            if problem is None:
+                metrics = msg.content.metric_records["metrics"]
+                update = SiteUpdate(from_record(msg.content.array_records["arrays"]), int(metrics["lora_r"]),
+                                    1.0 if self.setup.uniform_weights else float(metrics[WEIGHT_KEY]))
+                problem = unchanged_or_zero(self.scheme, update, self.sent)
+            if problem:
+                self.recorder.rejected(server_round, node, f"invalid update: {problem}")
+                continue
+            updates.append((msg, update))
+        # replies arrive in whatever order the sites finish; summing floats in that order
+        # would make the same run differ in the last bits (and a resumed run not match)
+        updates.sort(key=lambda mu: (int(mu[0].content.metric_records["metrics"].get("site", 2**31)),
+                                     mu[0].metadata.src_node_id))
+
+        # a norm far above the round's median: a diverged or malicious site
+        norms = [distance(self.scheme.update_terms(u.tensors, u.rank), self.scheme.start_terms(self.sent, u.rank))
+                 for _, u in updates]
+        outliers = norm_outliers(norms, self.setup.max_norm_ratio)
+        for i in sorted(outliers, reverse=True):
+            msg, _ = updates.pop(i)
+            self.recorder.rejected(server_round, msg.metadata.src_node_id, f"invalid update: {outliers[i]}")
+        for msg, u in updates:
+            self.recorder.train_reply(server_round, msg.metadata.src_node_id, dict(msg.content.metric_records["metrics"]),
+                                      record_bytes(msg.content.array_records["arrays"]))
+
+        if len(updates) < max(1, self.min_train_nodes):
+            self.recorder.note(
+                server_round,
+                f"only {len(updates)} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round",
+            )
+            return None, None
+        sites = [u for _, u in updates]
+        new, aggregate = self.scheme.combine(self.current, sites, self.setup.rule, self.setup.trim)
+        target = weighted_sum([self.scheme.update_terms(u.tensors, u.rank) for u in sites], [u.weight for u in sites])
+        self.errors[server_round] = relative_error(aggregate, target)
+        self.recorder.aggregation_error(server_round, self.errors[server_round])
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in updates], WEIGHT_KEY)
+        return to_record(new), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if server_round == 0:
+            self.recorder.round_started(0)
+        else:
+            # the round's final global adapter: after any server optimiser or DP wrapper
+            rank, alpha, tensors = self.scheme.peft_view(from_record(arrays))
+            self.recorder.global_adapter(server_round, tensors, {"rank": str(rank), "alpha": str(alpha)})
+        down = self._downlink(arrays)
+        messages = list(super().configure_evaluate(server_round, down, config, grid))
+        self.recorder.add_bytes_down(server_round, record_bytes(down) * len(messages))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                self.recorder.rejected(server_round, msg.metadata.src_node_id, f"evaluation failed: {msg.error.reason}")
+                continue
+            self.recorder.eval_reply(server_round, msg.metadata.src_node_id, dict(msg.content.metric_records["metrics"]))
+            valid.append(msg)
+        self.recorder.round_finished(server_round)
+        valid = [m for m in valid if m.content.metric_records["metrics"].get(WEIGHT_KEY, 0) > 0]
+        if not valid:  # e.g. every held-out example was too long and dropped
+            return None
+        return self.evaluate_metrics_aggr_fn([m.content for m in valid], WEIGHT_KEY)
+
+
+    # --- the server's checkpoint (fedslm.server.checkpoint) ----------------------------
+    def state_dict(self) -> dict:
+        return {"exhausted": sorted(self.exhausted), "errors": {str(k): v for k, v in self.errors.items()},
+                "flower": flower_state(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exhausted = set(state["exhausted"])
+        self.errors = {int(k): v for k, v in state["errors"].items()}
+        load_flower_state(self, state["flower"])
+
+
+# Attributes in which Flower's strategies and DP wrappers carry state from round to round
+# (FedAvgM's momentum, FedAdam/FedYogi's moments, an adaptive clip norm)
+_FLOWER_ARRAYS = ("current_arrays", "m_t", "v_t", "momentum_vector")
+_FLOWER_SCALARS = ("clipping_norm",)
+
+
+def flower_state(obj) -> dict:
+    """The round-to-round state a Flower strategy object holds, as tensors in their own dtype."""
+    out: dict = {}
+    for attr in _FLOWER_ARRAYS:
+        value = getattr(obj, attr, None)
+        if value is None:
+            continue
+        if isinstance(value, ArrayRecord):
+            kind, items = "record", {k: a.numpy() for k, a in value.items()}
+        elif isinstance(value, dict):
+            kind, items = "dict", value
+        else:
+            kind, items = "list", {str(i): v for i, v in enumerate(value)}
+        out[attr] = {"kind": kind, "keys": list(items),
+                     "arrays": {k: torch.from_numpy(np.ascontiguousarray(v).copy()) for k, v in items.items()}}
+    for attr in _FLOWER_SCALARS:
+        if isinstance(getattr(obj, attr, None), (int, float)):
+            out[attr] = float(getattr(obj, attr))
+    return out
+
+
+def load_flower_state(obj, state: dict) -> None:
+    for attr, saved in state.items():
+        if not isinstance(saved, dict):
+            setattr(obj, attr, saved)
+            continue
+        items = {k: saved["arrays"][k].numpy() for k in saved["keys"]}
+        if saved["kind"] == "record":
+            value = ArrayRecord({k: Array(v) for k, v in items.items()})
+        elif saved["kind"] == "dict":
+            value = items
+        else:
+            value = [items[k] for k in saved["keys"]]
+        setattr(obj, attr, value)
+
+
+class WrapperState:
+    """A Flower wrapper strategy (client-level DP) as a checkpoint part."""
+
+    def __init__(self, wrapper):
+        self.wrapper = wrapper
+
+    def state_dict(self) -> dict:
+        return flower_state(self.wrapper)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_flower_state(self.wrapper, state)
+
+
+class LoraSetup:
+    """What LoraStrategy needs beyond FedAvg's arguments."""
+
+    def __init__(self, scheme: Scheme, recorder: RunRecorder, st: StrategyConfig, *, transport_dtype: str = "float32",
+                 uniform_weights: bool = False, per_round: int = 0, seed: int = 0):
+        self.scheme = scheme
+        self.recorder = recorder
+        self.rule = st.aggregator
+        self.trim = st.trim_fraction
+        self.max_norm_ratio = st.max_norm_ratio
+        self.transport_dtype = transport_dtype
+        # client-level DP bounds each site's influence by the clip norm only if every site
+        # counts the same in the mean; example weights would let a big site exceed it
+        self.uniform_weights = uniform_weights
+        self.per_round = per_round
+        self.seed = seed
+
+    @property
+    def global_rank(self) -> int:
+        return self.scheme.rank
+
+
+def build_strategy(setup: LoraSetup, st: StrategyConfig, **fedavg_kwargs) -> LoraStrategy:
+    """LoraStrategy, behind Flower's FedAvgM / FedAdam / FedYogi when a server optimiser is set:
+    their aggregate_train calls ours (the LoRA-aware mean), then steps the global adapter."""
+    base = optimiser_class(st.server_optimizer)
+    bases = (base, LoraStrategy) if base else (LoraStrategy,)
+    cls = type(f"Lora{base.__name__ if base else 'Strategy'}_{setup.scheme.name}", bases, {"setup": setup})
+    return cls(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs, **optimiser_kwargs(st))
+
+
+def strategy_for(cfg: RunConfig, scheme: Scheme, recorder: RunRecorder, per_round: int, min_sites: int) -> LoraStrategy:
+    setup = LoraSetup(scheme, recorder, cfg.strategy, transport_dtype=cfg.federation.transport_dtype,
+                      uniform_weights=cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed)
+    return build_strategy(
+        setup, cfg.strategy,
+        fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=cfg.federation.fraction_evaluate,
+        min_train_nodes=min_sites,
+        min_evaluate_nodes=min_sites,
+        min_available_nodes=min_sites,
+    )
+
+
+def describe_strategy(cfg: RunConfig) -> str:
+    st = cfg.strategy
+    parts = [st.name]
+    if st.aggregator != "mean":
+        parts.append(st.aggregator)
+    if st.server_optimizer != "none":
+        parts.append(f"server optimiser {st.server_optimizer} (lr {st.server_lr})")
+    if st.proximal_mu:
+        parts.append(f"FedProx mu {st.proximal_mu}")
+    return " + ".join(parts)

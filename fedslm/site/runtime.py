@@ -1,0 +1,145 @@
+"""The per-process state of a site: base model, tokenizer, LoRA and Opacus wrappers, and
+the tokenised splits, built once per process and reused for every round and every site
+that shares the process (in simulation, Ray actors serve several sites).
+
+What must outlive the process (the privacy ledger) lives in fedslm.site.ledger, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+
+from fedslm import quiet
+from fedslm.config import ConfigError, RunConfig, from_run_config, validate
+from fedslm.data.canaries import canary_examples, make_canaries, write_audit_file
+from fedslm.data.sites import SiteData, build_site_data, node_data_config
+from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state, set_base_delta
+from fedslm.lora.schemes import SCHEMES, Scheme, make_scheme
+from fedslm.model import load_base_model, resolve_model_dir
+from fedslm.privacy.dp_step import wrap_for_dp
+from fedslm.transport import from_record
+
+
+@dataclass
+class SiteRuntime:
+    peft_model: torch.nn.Module
+    tokenizer: object
+    grad_sample_module: torch.nn.Module | None
+    scheme: Scheme
+    rank: int
+    own_init: dict[str, torch.Tensor]  # this adapter's A and B as first built from the seed
+    base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # stack: pristine W0
+    datasets: dict = field(default_factory=dict)
+
+
+_RUNTIMES: dict[tuple, SiteRuntime] = {}
+
+
+def site_rank(cfg: RunConfig, context: Context, site: int) -> int:
+    """This site's LoRA rank: its node config `lora-r`, else lora.site_ranks[site], else lora.r."""
+    if "lora-r" in context.node_config:
+        rank = int(context.node_config["lora-r"])
+    elif cfg.lora.site_ranks:
+        rank = cfg.lora.site_ranks[site]
+    else:
+        return cfg.lora.r
+    if not 1 <= rank <= cfg.lora.r:
+        raise ConfigError([f"lora-r: this site sets rank {rank}; it must be in [1, lora.r={cfg.lora.r}] (the global rank)"])
+    if rank != cfg.lora.r and not SCHEMES[cfg.strategy.name].mixed_ranks:
+        raise ConfigError([f"lora-r: this site sets rank {rank}, but strategy {cfg.strategy.name} needs every site at "
+                           f"lora.r={cfg.lora.r}; heterogeneous ranks need strategy=exact or stack"])
+    return rank
+
+
+def runtime_for(cfg: RunConfig, rank: int | None = None) -> SiteRuntime:
+    p = cfg.privacy
+    rank = rank or cfg.lora.r
+    key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), rank, cfg.strategy.name, p.enabled, p.grad_sample_mode,
+           p.max_grad_norm)
+    if key not in _RUNTIMES:
+        quiet.silence_known_noise()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        model, tok = load_base_model(resolve_model_dir(cfg.model))
+        lora = dataclasses.replace(cfg.lora, r=rank)
+        peft_model = attach_lora(model, lora, freeze_a=not SCHEMES[cfg.strategy.name].trains_a)
+        own_init = adapter_state(peft_model, trainable_only=False)
+        # the site-side scheme only needs layer names, shapes and the global rank
+        scheme = make_scheme(cfg.strategy.name, own_init, cfg.lora.r, cfg.lora.alpha)
+        gsm = wrap_for_dp(peft_model, cfg.privacy) if cfg.privacy.enabled else None
+        _RUNTIMES[key] = SiteRuntime(peft_model, tok, gsm, scheme, rank, own_init)
+    return _RUNTIMES[key]
+
+
+def load_global(rt: SiteRuntime, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Make the site's model the global one (stack: merged into the base weights, fresh
+    adapter on top); returns the trainable tensors as loaded."""
+    g = from_record(arrays)
+    delta = rt.scheme.base_delta(g)
+    if delta is not None:
+        set_base_delta(rt.peft_model, delta, rt.base_originals)
+    start = rt.scheme.site_start(g, rt.rank, rt.own_init)
+    load_adapter_state(rt.peft_model, start)
+    return start
+
+
+def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime) -> SiteData:
+    """This site's tokenised splits, built once per process. A SuperNode's own data
+    (node config data-path) wins over the run's data config."""
+    data_cfg, own = node_data_config(cfg.data, context.node_config)
+    site = site_id(context)
+    key = (site, repr(data_cfg), own)
+    if key not in rt.datasets:
+        data = build_site_data(data_cfg, site, cfg.federation.sites, rt.tokenizer, own,
+                               extra_train=_canaries_for(cfg, context, site))
+        print(
+            f"site {site}: {len(data.train)} train / {len(data.eval)} held-out examples"
+            f"{' (its own data)' if own else ''}, {data.train.truncated + data.eval.truncated} truncated "
+            f"to {data_cfg.max_length} tokens, {data.train.dropped + data.eval.dropped} dropped (nothing left to learn)",
+            flush=True,
+        )
+        rt.datasets[key] = data
+    return rt.datasets[key]
+
+
+def audit_dir(cfg: RunConfig, context: Context) -> Path:
+    """Where a site writes its audit file: its node config `state-dir`, or (simulation,
+    one machine) the run directory."""
+    root = context.node_config.get("state-dir")
+    return Path(str(root)) / f"run-{context.run_id}" if root else Path(cfg.output_dir) / "audit"
+
+
+def _canaries_for(cfg: RunConfig, context: Context, site: int):
+    p = cfg.privacy
+    if not p.canaries or site != p.canary_site:
+        return None
+    canaries = make_canaries(p.canaries, cfg.seed)
+    write_audit_file(audit_dir(cfg, context) / f"site-{site}-canaries.json", site, canaries, p.canary_repeats)
+    return lambda columns: canary_examples(canaries, columns, p.canary_repeats)
+
+
+def site_id(context: Context) -> int:
+    """Simulation gives each node a partition id; a deployed SuperNode sets `site-id`."""
+    for key in ("site-id", "partition-id"):
+        if key in context.node_config:
+            return int(context.node_config[key])
+    raise KeyError(
+        "this node has no site id: start the SuperNode with --node-config 'site-id=N' "
+        "(simulation sets partition-id itself)"
+    )
+
+
+def site_label(context: Context) -> str:
+    try:
+        return f"site {site_id(context)}"
+    except KeyError:
+        return f"node {context.node_id}"
+
+
+def config_for(context: Context, cfg: RunConfig | None) -> RunConfig:
+    return cfg if cfg is not None else validate(from_run_config(context.run_config))

@@ -1,0 +1,121 @@
+"""Whole federations (round 0, rounds, outputs) with the real server run and the real
+ClientApp, the sites answering in this process through tests/inprocess.py instead of Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fedslm.data.sites import site_table
+from inprocess import run_in_process
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _file_cfg(cfg, path: Path, sites: int):
+    cfg.data.path = str(path)
+    cfg.data.prompt_columns = ["question"]
+    cfg.data.partitioner = "natural"
+    cfg.data.partition_by = "source"
+    cfg.data.eval_fraction = 0.2
+    cfg.federation.sites = sites
+    cfg.federation.rounds = 2
+    return cfg
+
+
+def test_a_bad_site_fails_alone(tiny_cfg, tmp_path, capsys):
+    """Site C has 3 rows, fewer than the DP batch: it is refused with its reason, and the
+    federation goes on with the other two (min_sites=2)."""
+    rows = [{"question": f"q{i}?", "answer": f"a{i}.", "source": s} for s, n in (("A", 30), ("B", 30), ("C", 3))
+            for i in range(n)]
+    cfg = _file_cfg(tiny_cfg, _jsonl(tmp_path / "sites.jsonl", rows), sites=3)
+    cfg.federation.min_sites = 2
+    summary = run_in_process(cfg, echo=print)
+    assert summary["rounds"] == 2
+    rejected = [r for per_round in summary["rejected"].values() for r in per_round]
+    assert len(rejected) == 2 and all("site 2" in r and "fewer than train.batch_size=4" in r for r in rejected)
+    assert "rejected site 2: site error: DataError: site 2 has 2 training examples" in capsys.readouterr().out
+    rows_out = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows_out if r["train_loss"] is not None} == {0, 1}
+    assert [r["natural_id"] for r in site_table(cfg.data, 3)] == ["A", "B", "C"]
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "medquad" / "medquad.jsonl").exists(), reason="../shared/data not present")
+def test_real_medquad_slice_natural_partition(tiny_cfg, tmp_path):
+    wanted = {"CDC": 0, "NHLBI": 0, "NINDS": 0}
+    rows = []
+    with (SHARED / "medquad" / "medquad.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["source"] in wanted and wanted[row["source"]] < 25:
+                wanted[row["source"]] += 1
+                rows.append(row)
+    cfg = _file_cfg(tiny_cfg, _jsonl(tmp_path / "slice.jsonl", rows), sites=3)
+    summary = run_in_process(cfg)
+    assert summary["rounds"] == 2 and summary["sites"] == 3 and not summary["rejected"]
+    table = site_table(cfg.data, 3)
+    assert sorted(r["natural_id"] for r in table) == ["CDC", "NHLBI", "NINDS"]
+    assert all(r["train"] == 20 and r["eval"] == 5 for r in table)
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_client_level_dp_wraps_the_strategy(tiny_cfg, clipping):
+    """Flower's server-side DP wrapper clips each site's update and noises the aggregate;
+    its site-level epsilon is reported separately from the sample-level one."""
+    from fedslm.privacy.client_level import client_level_epsilon
+
+    tiny_cfg.privacy.client_level = True
+    tiny_cfg.privacy.client_clipping = clipping
+    tiny_cfg.privacy.client_noise_multiplier = 2.0
+    tiny_cfg.privacy.client_clip_norm = 0.01
+    summary = run_in_process(tiny_cfg)
+    run = Path(tiny_cfg.output_dir)
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["level"] == "sample+client"
+    expected = client_level_epsilon(2.0, 3, 3, tiny_cfg.federation.rounds, tiny_cfg.privacy.delta)
+    assert privacy["client_level"]["epsilon"] == pytest.approx(expected) == summary["client_level_epsilon"]
+    assert 0 < privacy["epsilon_per_site"]["0"] <= tiny_cfg.privacy.epsilon
+    # the noise on the aggregate (std 2.0 * 0.01 / 3 per value) dominates a clipped mean of norm <= 0.01
+    r1 = load_file(str(run / "adapters" / "round_001.safetensors"))
+    values = torch.cat([t.flatten() for k, t in r1.items() if ".lora_B." in k])
+    assert values.std().item() == pytest.approx(2.0 * 0.01 / 3, rel=0.25) if clipping == "fixed" else values.std() > 0
+    assert "Site-level DP" in (run / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["exact", "stack"])
+def test_heterogeneous_ranks_end_to_end(tiny_cfg, strategy):
+    """Sites of ranks 4, 2 and 4 under a global rank of 4: every round aggregates all three,
+    the error is the truncation (exact) or ~0 (stack), and the exported model loads."""
+    tiny_cfg.federation.sites, tiny_cfg.federation.rounds = 3, 2
+    tiny_cfg.lora.r, tiny_cfg.lora.site_ranks = 4, [4, 2, 4]
+    tiny_cfg.strategy.name = strategy
+    summary = run_in_process(tiny_cfg)
+    run = Path(tiny_cfg.output_dir)
+    assert summary["rounds"] == 2 and not summary["rejected"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["site"], r["lora_r"]) for r in rows} == {(0, 4), (1, 2), (2, 4)}
+    errors = summary["aggregation_error_per_round"]
+    if strategy == "stack":
+        assert max(errors) < 1e-6
+        assert summary["global_rank"] == 2 * (4 + 2 + 4)  # the stack grows by the site ranks each round
+    else:
+        assert 0 < min(errors) and max(errors) < 1 and summary["global_rank"] == 4
+    # the uplink follows each site's rank: 4 + 2 + 4 = 10 rank units, not 3 x 4
+    r1 = load_file(str(run / "adapters" / "round_001.safetensors"))
+    size = 2 if tiny_cfg.federation.transport_dtype == "float16" else 4
+    per_rank_unit = sum(t.shape[0] if ".lora_B." in k else t.shape[1] for k, t in r1.items()) * size
+    assert 10 * per_rank_unit <= summary["bytes_up_per_round"][0] < 10 * per_rank_unit + 256 * len(r1) * 3
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.vocab_size > 0

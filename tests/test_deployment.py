@@ -84,7 +84,7 @@ def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
     wait_for(lambda: (out / "checkpoint" / "state.json").exists(), 240, "the round-1 checkpoint", run)
     fed.link.kill()
     saved = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert saved["round"] == 1 and list(saved["recorder"]["log"]["1"]["train"]) == ["0"]
+    assert saved["round"] == 1 and list(saved["parts"]["record"]["log"]["1"]["train"]) == ["0"]
     wait_for(lambda: not run.alive(), 60, "flwr run to notice")
 
     # restart: same database (registered keys), site 1 rejoins, the run resumes from round 1

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedslm.config.compose import REPO_ROOT  # the app `flwr run` packages: this project
 from fedslm.deploy.certs import CertPaths, make_certs, make_node_keys
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live beside python
 
 

@@ -90,9 +90,10 @@ def _parse(tp: Any, raw: Any, key: str) -> Any:
         raise ConfigError([f"{key}: cannot read {raw!r} as {tp.__name__}"]) from None
 
 
-def load_run_config(run_dir: Path | str) -> RunConfig:
-    """The checked config a run directory was written with (its run_config.json)."""
-    path = Path(run_dir) / "run_config.json"
+def load_run_config(run_dir: Path | str, name: str = "run_config.json") -> RunConfig:
+    """The checked config a run directory was written with (its run_config.json; an
+    exported model directory keeps it as training_config.json)."""
+    path = Path(run_dir) / name
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a fedslm run directory (no run_config.json); give the "
                                 "directory a federation wrote (it holds summary.json and adapters/)")

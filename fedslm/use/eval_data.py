@@ -8,7 +8,6 @@ separate test file).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +81,7 @@ def config_for_data(model_dir: str | Path, data: str | None, overrides: list[str
     """(run config, a description for eval.json) from `--data`: a conf/data preset, a run
     directory (its run_config.json), a data file, or None for the config the model was
     trained with (training_config.json, written by export)."""
-    from fedslm.config import from_run_config, validate
+    from fedslm.config import load_run_config
 
     overrides = list(overrides or [])
     if data is not None:
@@ -91,8 +90,7 @@ def config_for_data(model_dir: str | Path, data: str | None, overrides: list[str
     if not trained.is_file():
         raise DataError(f"{model_dir} has no training_config.json (not an exported fedslm model), so the data to "
                         "score is unknown; give --data PRESET|FILE|RUN_DIR")
-    return _with_overrides(validate(from_run_config(json.loads(trained.read_text()))), overrides), \
-        {"source": str(trained)}
+    return _with_overrides(load_run_config(model_dir, trained.name), overrides), {"source": str(trained)}
 
 
 def config_from_data(data: str, overrides: list[str] | None = None, what: str = "--data") -> tuple[RunConfig, dict]:

@@ -41,9 +41,17 @@ def trained(scheme, g, rank: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def mean_effective(scheme, updates) -> dict[str, torch.Tensor]:
+    """By hand, not through the scheme: a site of rank r changes a layer by (alpha / r) B @ A,
+    with its own A if it sent one, else (FFA) the frozen initial A; the aggregate is the
+    weighted mean of those changes."""
     total = sum(u.weight for u in updates)
-    return {layer: sum(dense(scheme.update_terms(u.tensors, u.rank)[layer]) * (u.weight / total) for u in updates)
-            for layer in LAYERS}
+    init = synthetic_init()
+    out = {}
+    for layer in LAYERS:
+        out[layer] = sum((ALPHA / u.rank) * u.tensors[b_key(layer)].double()
+                         @ u.tensors.get(a_key(layer), init[a_key(layer)]).double() * (u.weight / total)
+                         for u in updates)
+    return out
 
 
 def test_ffa_and_stack_aggregates_are_exact_weighted_means_of_effective_updates():
@@ -100,6 +108,9 @@ def test_exact_truncation_error_is_the_discarded_singular_values():
                                                  [u.weight for u in updates]))
     assert discarded2 > 0
     assert err == pytest.approx((discarded2 / total2) ** 0.5, rel=1e-5)
+    # the same error by hand, on the dense matrices
+    hand = sum(float((dense(aggregate[l]) - want[l]).norm() ** 2) for l in LAYERS) ** 0.5 / total2 ** 0.5
+    assert hand == pytest.approx((discarded2 / total2) ** 0.5, rel=1e-5)
     # a lower-rank site starts from the leading components of the global
     start = scheme.site_start(new, 2, None)
     assert start[a_key("m.l0.q_proj")].shape == (2, 10) and start[b_key("m.l0.q_proj")].shape == (12, 2)
@@ -294,13 +305,35 @@ def test_ffa_aggregate_of_real_training_is_exact_and_a_never_moves(tiny_cfg, tmp
         train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=site)
         sites.append(SiteUpdate(adapter_state(pm), tiny_cfg.lora.r, float(len(ds))))
     a_after = {k: v for k, v in adapter_state(pm, trainable_only=False).items() if ".lora_A." in k}
-    assert all(torch.equal(full[k], a_after[k]) for k in a_after)
-    _, aggregate = scheme.combine(global_b, sites, "mean", 0.0)
-    total = sum(u.weight for u in sites)
-    for layer, terms in aggregate.items():
-        want = sum(dense(scheme.update_terms(u.tensors, u.rank)[layer]) * u.weight for u in sites) / total
-        rel = (dense(terms) - want).norm() / want.norm()
+    assert a_after and all(torch.equal(full[k], a_after[k]) for k in a_after)
+    # the sites really trained, each to a different B (else any average would pass)
+    assert all(set(u.tensors) == set(global_b) for u in sites)
+    for i, u in enumerate(sites):
+        assert any(float((u.tensors[k] - global_b[k]).abs().max()) > 0 for k in global_b)
+        assert all(not torch.equal(u.tensors[k], sites[i - 1].tensors[k]) for k in global_b)
+    new, aggregate = scheme.combine(global_b, sites, "mean", 0.0)
+    # reference by hand, from what the sites sent: B's weighted mean (weights = the sites'
+    # example counts), A the frozen initial one, peft's scale alpha / r
+    weights = [12.0, 30.0, 20.0]
+    assert [u.weight for u in sites] == weights  # every generated example survives tokenising
+    scale = tiny_cfg.lora.alpha / tiny_cfg.lora.r
+    mean_b = {k: sum(u.tensors[k].double() * w for u, w in zip(sites, weights)) / sum(weights) for k in global_b}
+    assert list(new) == list(global_b)  # only B goes back, in the global's order
+    for k in global_b:
+        torch.testing.assert_close(new[k].double(), mean_b[k], rtol=1e-6, atol=1e-9)
+    layers = {k.split(".lora_B.")[0] for k in global_b}
+    assert set(aggregate) == layers
+    for layer in layers:
+        want = scale * mean_b[f"{layer}.lora_B.weight"] @ full[f"{layer}.lora_A.weight"].double()
+        got = sum(c * b.double() @ a.double() for c, b, a in aggregate[layer])
+        rel = (got - want).norm() / want.norm()
         assert rel < 1e-6  # fp32 rounding of the averaged B; fedavg is off by percent
+    # and that is the change peft itself makes to the layer once the new B is loaded
+    load_adapter_state(pm, new)
+    for layer in sorted(layers)[:2]:
+        delta = pm.get_submodule(layer).get_delta_weight("default").double()
+        want = scale * mean_b[f"{layer}.lora_B.weight"] @ full[f"{layer}.lora_A.weight"].double()
+        assert (delta - want).norm() / want.norm() < 1e-5  # peft computes in fp32
 
 
 def test_fp16_transport_halves_the_bytes():

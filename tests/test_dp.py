@@ -107,13 +107,34 @@ def test_clipping_and_noise_seen_by_the_optimizer(tiny, tiny_cfg):
 
 
 def test_no_dp_means_no_noise(tiny, tiny_cfg):
+    """Without DP the loop is plain AdamW on the mean answer loss: a hand-written loop with
+    the same batches lands on the same weights (any noise or clipping would not)."""
     model, tok = tiny
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    reference = copy.deepcopy(pm)
     ds = _dataset(tok, 16)
     before = [p.detach().clone() for p in _trainable(pm)]
     stats = train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=0)
     assert stats.ledger is None and stats.steps == tiny_cfg.train.local_steps
     assert any(not torch.equal(a, p) for a, p in zip(before, _trainable(pm)))
+
+    t = tiny_cfg.train
+    params = _trainable(reference)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=True,
+                                               collate_fn=make_collate(tok.pad_token_id),
+                                               generator=torch.Generator().manual_seed(0)))
+    reference.train()
+    for _ in range(t.local_steps):
+        opt.zero_grad()
+        sequence_losses(reference, next(batches)).mean().backward()
+        opt.step()
+    for mine, theirs in zip(_trainable(pm), params):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
 
 
 def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, tiny_cfg):
@@ -150,8 +171,10 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode):
-    from fedslm.privacy.dp_step import wrap_for_dp
+def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode, monkeypatch):
+    """A step whose Poisson batch is empty still moves the optimizer by pure Gaussian noise
+    of std sigma * C / (expected batch), and is accounted like any other."""
+    from fedslm.privacy.dp_step import PrivateStep, wrap_for_dp
 
     model, tok = tiny
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
@@ -161,10 +184,29 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode):
     cfg = PrivacyConfig(epsilon=50.0, grad_sample_mode=mode)
     gsm = wrap_for_dp(pm, cfg)
     plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds=1)
+
+    empty_now, noise = {"flag": False}, []
+    original = PrivateStep.empty_batch
+
+    def spy(self, params):
+        empty_now["flag"] = True
+        return original(self, params)
+
+    def after_step(_loss):
+        if empty_now["flag"]:
+            noise.append(torch.cat([p.grad.flatten() for p in _trainable(pm)]))
+            empty_now["flag"] = False
+
+    monkeypatch.setattr(PrivateStep, "empty_batch", spy)
     stats = train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=1,
-                        dp=DPContext(cfg, plan, PrivacyLedger()), grad_sample_module=gsm)
-    assert stats.empty_steps > 0
+                        dp=DPContext(cfg, plan, PrivacyLedger()), grad_sample_module=gsm, progress=after_step)
+    assert stats.empty_steps > 0 and len(noise) == stats.empty_steps
     assert stats.ledger.steps == 20  # empty steps are accounted like any other
+    values = torch.cat(noise)
+    expected_std = plan.noise_multiplier * cfg.max_grad_norm / (len(ds) * plan.sample_rate)
+    assert abs(values.std().item() / expected_std - 1) < 0.05
+    assert abs(values.mean().item()) < 0.05 * expected_std
+    assert len({float(v[0]) for v in noise}) == len(noise)  # fresh noise each empty step
 
 
 def test_ledger_survives_serialisation():

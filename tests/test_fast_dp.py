@@ -157,7 +157,29 @@ def test_physical_batches_and_empty_batches_on_the_fast_path(tiny, tiny_cfg):
     assert stats.empty_steps > 0 and stats.ledger.steps == 20
 
 
-def test_config_accepts_lora_mode(tiny_cfg):
+def test_config_accepts_lora_mode_and_routes_it_to_the_lora_path(tiny_cfg, tiny):
+    """lora mode with micro-batches validates (ghost with micro-batches does not), and the
+    wrapper it selects is fedslm's own: no Opacus hooks, per-sample Linear factors instead."""
+    from fedslm.config import ConfigError
+
     tiny_cfg.privacy.grad_sample_mode = "lora"
     tiny_cfg.train.max_physical_batch = 2
     validate(tiny_cfg)
+    tiny_cfg.privacy.grad_sample_mode = "ghost"
+    with pytest.raises(ConfigError, match="train.max_physical_batch: not supported"):
+        validate(tiny_cfg)
+    tiny_cfg.privacy.grad_sample_mode = "lora_fast"
+    with pytest.raises(ConfigError, match="privacy.grad_sample_mode.*hooks.*lora"):
+        validate(tiny_cfg)
+
+    from opacus.grad_sample.gsm_no_op import GradSampleModuleNoOp
+
+    model, _ = tiny
+    lora = wrap_for_dp(attach_lora(copy.deepcopy(model), tiny_cfg.lora, freeze_a=True),
+                       PrivacyConfig(grad_sample_mode="lora"))
+    hooks = wrap_for_dp(attach_lora(copy.deepcopy(model), tiny_cfg.lora, freeze_a=True),
+                        PrivacyConfig(grad_sample_mode="hooks"))
+    assert isinstance(lora, GradSampleModuleNoOp) and not isinstance(hooks, GradSampleModuleNoOp)
+    assert hooks.autograd_grad_sample_hooks and not getattr(lora, "autograd_grad_sample_hooks", [])
+    fast = [m for m in lora.modules() if isinstance(m, PerSampleGradLinear) and m.weight.requires_grad]
+    assert fast and not any(isinstance(m, PerSampleGradLinear) for m in hooks.modules())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -117,18 +118,40 @@ def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp
     the reply carries counts only."""
     import json
 
-    rows = [{"question": f"Is {i} a number?", "reply": f"Yes, {i} is."} for i in range(40)]
-    path = tmp_path / "site_own.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from fedslm.data.errors import DataError
+
+    def write(name: str, n: int):
+        rows = [{"question": f"Is {i} a number?", "reply": f"Yes, {i} is."} for i in range(n)]
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    def node(path, site: int = 5) -> Context:
+        return Context(run_id=next(_RUN_IDS), node_id=11, node_config={"site-id": site, "data-path": str(path)},
+                       state=RecordDict(), run_config={})
+
+    path, other = write("site_own.jsonl", 40), write("site_other.jsonl", 30)
     tiny_cfg.data.prompt_columns = ["question"]
     tiny_cfg.data.answer_column = "reply"
-    ctx = Context(run_id=next(_RUN_IDS), node_id=11, node_config={"site-id": 5, "data-path": str(path)},
-                  state=RecordDict(), run_config={})
-    reply = handle_train(_message(tiny_cfg, "train"), ctx, tiny_cfg, progress=False)
+    tiny_cfg.train.local_steps = 1  # the counts are the point, not the training
+    assert tiny_cfg.data.path is None  # the run's config names no file: only the node config does
+    reply = handle_train(_message(tiny_cfg, "train"), node(path), tiny_cfg, progress=False)
     metrics = reply.content.metric_records["metrics"]
     assert metrics["site"] == 5 and metrics["num-examples"] == 36  # 40 rows, 10% held out
-    flat = repr(reply.content)
-    assert str(path) not in flat and "Is 3 a number" not in flat
+    # no record that could carry the path or a row's text (config records hold strings)
+    assert set(reply.content) == {"arrays", "metrics"} and not reply.content.config_records
+    # the counts come from the file the node config names: the same site id with another
+    # file (30 rows: 27 train, 3 held out) reports that file's sizes, in training and evaluation
+    reply = handle_train(_message(tiny_cfg, "train"), node(other), tiny_cfg, progress=False)
+    assert reply.content.metric_records["metrics"]["num-examples"] == 27
+    reply = handle_evaluate(_message(tiny_cfg, "evaluate"), node(other), tiny_cfg)
+    assert reply.content.metric_records["metrics"]["num-examples"] == 3
+    reply = handle_evaluate(_message(tiny_cfg, "evaluate"), node(path), tiny_cfg)
+    assert reply.content.metric_records["metrics"]["num-examples"] == 4
+    # and a node config naming a file that is not there fails with that path
+    missing = tmp_path / "not_there.jsonl"
+    with pytest.raises(DataError, match=f"data file {re.escape(str(missing))} does not exist"):
+        handle_train(_message(tiny_cfg, "train"), node(missing, site=6), tiny_cfg, progress=False)
 
 
 def test_site_trains_the_rank_its_node_config_sets(tiny_cfg, flower_identity):

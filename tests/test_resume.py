@@ -92,6 +92,16 @@ def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tiny_cfg, tmp_
     (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"train.lr \(saved 0.5"):
         _checkpoint_to_resume(cfg, Path(cfg.output_dir))
+    # how many sites to wait for is operational and may change (wait for all after a
+    # restart); what is trained and what is noised may not
+    saved["train.lr"] = cfg.train.lr
+    saved["federation.min_sites"] = cfg.federation.min_sites + 1
+    (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(saved))
+    assert _checkpoint_to_resume(cfg, Path(cfg.output_dir)).server_round == 1
+    saved["privacy.epsilon"] = 0.5
+    (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"privacy.epsilon \(saved 0.5"):
+        _checkpoint_to_resume(cfg, Path(cfg.output_dir))
 
     cfg.output_dir = ""
     with pytest.raises(ConfigError, match="resume: needs output_dir"):

@@ -183,17 +183,6 @@ class Loopback:
             self.nodes[site] = proc
         return proc
 
-    def online_nodes(self) -> int:
-        """How many registered SuperNodes the SuperLink sees online now."""
-        import json
-
-        res = self.flwr("supernode", "list", "fedslm", "--format", "json")
-        try:
-            nodes = json.loads(res.stdout)["nodes"]
-        except (ValueError, KeyError):
-            return 0
-        return sum(n.get("status") == "online" for n in nodes)
-
     def unregistered_key(self) -> Path:
         return make_node_keys(self.root / "certs", "stranger")[0]
 

@@ -31,8 +31,12 @@ from fedslm.server.strategy import LoraStrategy, WrapperState, describe_strategy
 from fedslm.transport import from_record, to_record
 from fedslm.use.export import export_merged
 
-# keys a resumed run may change: where and how it reports, not what it trains
-RESUME_MAY_CHANGE = {"resume", "output_dir", "export_model", "demo_answer", "federation.timeout_s"}
+# keys a resumed run may change: where and how it reports, and how long it waits for sites,
+# not what it trains. min_sites only sets how many sites the strategy waits for before it
+# samples (the per-round count and the DP calibration use federation.sites / per_round), so
+# an operator who restarts the coordinator may ask it to wait for every site to reconnect.
+RESUME_MAY_CHANGE = {"resume", "output_dir", "export_model", "demo_answer", "federation.timeout_s",
+                     "federation.min_sites"}
 
 
 @dataclass

@@ -178,3 +178,30 @@ def test_site_trains_the_rank_its_node_config_sets(tiny_cfg, flower_identity):
         full_shape = tuple(g[key].shape)
         want = (2, full_shape[1]) if ".lora_A." in key else (full_shape[0], 2)
         assert tuple(arr.shape) == want
+
+
+def test_a_round_sent_again_is_answered_from_the_saved_reply_not_trained_twice(tiny_cfg, flower_identity, tmp_path):
+    """After a coordinator crash the site may receive the dead run's round and then the
+    resumed run's same round (same run key, round and global adapter): the second answer is
+    the first reply, and the ledger is charged once. Another global adapter trains again."""
+    from fedslm.site.ledger import ledger_file
+
+    def message(server_round: int, shift: float = 0.0) -> Message:
+        g = {k: v + shift for k, v in _global(tiny_cfg).items()}
+        config = ConfigRecord({"server-round": server_round, "run-key": "crashed-run"})
+        return Message(RecordDict({"arrays": to_record(g), "config": config}), dst_node_id=11, message_type="train")
+
+    def node() -> Context:  # a fresh ClientApp process: empty node state, same disk
+        return _context(site=0, **{"state-dir": str(tmp_path)})
+
+    first = handle_train(message(1), node(), tiny_cfg, progress=False).content
+    spent = ledger_file(tiny_cfg, node(), 0, "crashed-run").read_text()
+    again = handle_train(message(1), node(), tiny_cfg, progress=False).content
+    assert ledger_file(tiny_cfg, node(), 0, "crashed-run").read_text() == spent  # not charged twice
+    assert dict(again.metric_records["metrics"]) == dict(first.metric_records["metrics"])
+    for k, arr in first["arrays"].items():
+        assert arr.data == again["arrays"][k].data
+    # the same round from another global adapter is another release: it trains and spends
+    other = handle_train(message(1, shift=0.01), node(), tiny_cfg, progress=False).content
+    assert other.metric_records["metrics"]["epsilon"] > first.metric_records["metrics"]["epsilon"]
+    assert any(arr.data != other["arrays"][k].data for k, arr in first["arrays"].items())

@@ -15,7 +15,8 @@ from fedslm.privacy.accounting import expected_rounds
 from fedslm.privacy.dp_step import DPContext
 from fedslm.privacy.plan import check_site_size
 from fedslm.site.evaluate import evaluate_loss
-from fedslm.site.ledger import load_ledger, save_ledger
+from fedslm.site.ledger import ledger_file, load_ledger, save_ledger
+from fedslm.site.replay import ReplyCache, round_digest
 from fedslm.site.runtime import load_global, runtime_for, site_data, site_id, site_rank
 from fedslm.site.train import train_local
 from fedslm.transport import to_record
@@ -32,7 +33,17 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
 
     dp, noise, rate = None, 0.0, 0.0
     eps = {"rdp": 0.0, "prv": 0.0}
+    replay = digest = None
     if cfg.privacy.enabled:
+        # a round already released is sent again as it was, never trained (and charged) twice
+        replay = ReplyCache(ledger_file(cfg, context, site, run_key).with_suffix(".last-reply.safetensors"))
+        digest = round_digest(msg.content["arrays"], server_round, run_key)
+        saved = replay.get(digest)
+        if saved is not None:
+            print(f"site {site}: round {server_round} was already trained from this global adapter; "
+                  "sending the same reply again (no new privacy cost)", flush=True)
+            arrays = to_record(saved.tensors, cfg.federation.transport_dtype)
+            return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(saved.metrics)}), reply_to=msg)
         ledger = load_ledger(cfg, context, site, run_key)
         plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), expected_rounds(cfg.federation), site)
         # refuse before spending anything (raises BudgetExceededError with the numbers)
@@ -65,27 +76,28 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
         save_ledger(cfg, context, site, stats.ledger, run_key)
         eps = {name: stats.ledger.epsilon(cfg.privacy.delta, name) for name in eps}
 
-    metrics = MetricRecord(
-        {
-            "num-examples": len(train_ds),
-            "site": site,
-            "lora_r": rt.rank,
-            "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
-            # the enforcing accountant's figure, and both accountants' for comparison
-            "epsilon": eps[cfg.privacy.accountant],
-            "epsilon_rdp": eps["rdp"],
-            "epsilon_prv": eps["prv"],
-            "noise_multiplier": noise,
-            "sample_rate": rate,
-            "steps_total": stats.ledger.steps if stats.ledger else stats.steps,
-            "truncated": train_ds.truncated,
-            "steps": stats.steps,
-            "examples_seen": stats.examples_seen,
-            "train_seconds": stats.seconds,
-        }
-    )
-    arrays = to_record(adapter_state(rt.peft_model), cfg.federation.transport_dtype)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    values = {
+        "num-examples": len(train_ds),
+        "site": site,
+        "lora_r": rt.rank,
+        "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
+        # the enforcing accountant's figure, and both accountants' for comparison
+        "epsilon": eps[cfg.privacy.accountant],
+        "epsilon_rdp": eps["rdp"],
+        "epsilon_prv": eps["prv"],
+        "noise_multiplier": noise,
+        "sample_rate": rate,
+        "steps_total": stats.ledger.steps if stats.ledger else stats.steps,
+        "truncated": train_ds.truncated,
+        "steps": stats.steps,
+        "examples_seen": stats.examples_seen,
+        "train_seconds": stats.seconds,
+    }
+    update = adapter_state(rt.peft_model)
+    if replay is not None:
+        replay.put(digest, update, values)
+    arrays = to_record(update, cfg.federation.transport_dtype)
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -69,6 +69,10 @@ def test_model_is_built_once_per_process(tiny_cfg, flower_identity):
     handle_train(_message(tiny_cfg, "train"), _context(), tiny_cfg, progress=False)
     handle_evaluate(_message(tiny_cfg, "evaluate"), _context(site=2), tiny_cfg)
     assert runtime_for(tiny_cfg) is first
+    # a different adapter is a different runtime (the cache is keyed by what it builds)
+    tiny_cfg.lora.r = tiny_cfg.lora.r // 2
+    other = runtime_for(tiny_cfg)
+    assert other is not first and other.rank == tiny_cfg.lora.r
 
 
 def test_evaluate_reply_is_metrics_only(tiny_cfg, flower_identity):

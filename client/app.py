@@ -13,12 +13,13 @@ from fedslm.config import ConfigError, RunConfig
 from fedslm.data.errors import DataError
 from fedslm.privacy.accounting import BudgetExceededError
 from fedslm.site.handlers import handle_evaluate, handle_train
-from fedslm.site.runtime import config_for, site_label
+from fedslm.site.ledger import LedgerError
+from fedslm.site.runtime import site_label
 
 # Problems a site can explain in one sentence: they go back to the server as an error
-# reply with that sentence (the server logs which site failed and why) instead of a
-# traceback. Anything else is a bug and keeps Flower's full traceback.
-SITE_ERRORS = (DataError, BudgetExceededError, AdapterMismatchError, ConfigError)
+# reply (the server logs which site failed and why) instead of a traceback. Anything else
+# is a bug and keeps Flower's full traceback.
+SITE_ERRORS = (DataError, BudgetExceededError, AdapterMismatchError, ConfigError, LedgerError)
 SITE_ERROR_CODE = 1000
 
 
@@ -29,6 +30,8 @@ def _errors_as_replies(handler: Callable[[Message, Context], Message]) -> Callab
         except SITE_ERRORS as err:
             reason = f"{type(err).__name__}: {err}"
             print(f"{site_label(context)} refused {msg.metadata.message_type}: {reason}", file=sys.stderr, flush=True)
+            if isinstance(err, DataError):  # a data error may quote the rows: its public form only
+                reason = f"{type(err).__name__}: {err.public}"
             return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
 
     return run
@@ -40,12 +43,12 @@ def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @app.train()
     @_errors_as_replies
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, config_for(context, cfg))
+        return handle_train(msg, context, cfg)
 
     @app.evaluate()
     @_errors_as_replies
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, config_for(context, cfg))
+        return handle_evaluate(msg, context, cfg)
 
     return app
 

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: Path | str, write: Callable[[Path], object] | str) -> Path:
+def write_atomic(path: Path | str, write: Callable[[Path], object] | str, durable: bool = False) -> Path:
     """Write `path` through a temporary sibling and one rename. `write` is the text to
-    write, or a function that writes the file at the path it is given."""
+    write, or a function that writes the file at the path it is given. `durable` fsyncs
+    the file and its directory, so a power cut cannot undo a ledger entry."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -21,7 +22,16 @@ def write_atomic(path: Path | str, write: Callable[[Path], object] | str) -> Pat
             tmp.write_text(write)
         else:
             write(tmp)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         tmp.replace(path)
+        if durable:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -69,6 +70,17 @@ def _user_errors(command: str, work, errors: tuple[type[BaseException], ...]) ->
         print(f"fedslm {command}: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from fedslm.site.ledger import LedgerError, describe
+
+    def show() -> None:
+        if not Path(args.state_dir).is_dir():
+            raise FileNotFoundError(f"{args.state_dir} is not a directory (a site's state-dir holds its ledgers)")
+        print(describe(Path(args.state_dir), args.delta))
+
+    return _user_errors("ledger", show, (FileNotFoundError, LedgerError))
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -151,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--candidates", type=int, default=100, help="random secrets each canary is ranked against")
     a.add_argument("--max-examples", type=int, default=200, help="members and non-members for membership inference")
     a.set_defaults(func=_audit)
+
+    led = sub.add_parser("ledger", help="what a site's lifetime ledgers hold: every run on each data set and its epsilon")
+    led.add_argument("state_dir")
+    led.add_argument("--delta", type=float, default=1e-5)
+    led.set_defaults(func=_ledger)
 
     e = sub.add_parser("export", help="merge a run's global adapter into its base model (a standalone HF directory)")
     e.add_argument("run_dir")

@@ -10,7 +10,8 @@ import os
 import warnings
 
 _HARMLESS = [
-    # Opacus: we seed the noise on purpose unless privacy.secure_mode is on
+    # Opacus: its engine's secure_mode needs torchcsprng; fedslm passes generators filled
+    # from OS entropy instead (fedslm.privacy.randomness)
     r".*Secure RNG turned off.*",
     r".*Full backward hook is firing.*",
     r".*Using a non-full backward hook.*",

@@ -57,3 +57,13 @@ def flower_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture
+def reproducible_dp():
+    """Tests that compare two private runs need the same DP draws in both: the test-only
+    switch of fedslm.privacy.randomness (no config key, node config or message reaches it)."""
+    from fedslm.privacy.randomness import reproducible_for_tests
+
+    with reproducible_for_tests():
+        yield

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state
+from fedslm.lora.adapter import a_digest, adapter_state, attach_lora, load_adapter_state
 from fedslm.server.strategy import LoraSetup, build_strategy
 from fedslm.config import StrategyConfig
 from fedslm.data.clinic import generate_site
@@ -157,8 +157,10 @@ def _instruction(node: int) -> Message:
     return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type="train")
 
 
-def _reply(node: int, tensors, n: int, site: int, rank: int = RANK) -> Message:
-    metrics = MetricRecord({"num-examples": n, "site": site, "lora_r": rank, "epsilon": 0.0})
+def _reply(node: int, tensors, n: int, site: int, rank: int = RANK, a: int | None = None) -> Message:
+    # an FFA site fingerprints the frozen A it trained with (the shared synthetic_init's)
+    a = a_digest(synthetic_init()) if a is None else a
+    metrics = MetricRecord({"num-examples": n, "site": site, "lora_r": rank, "epsilon": 0.0, "a_digest": a})
     arrays = tensors if isinstance(tensors, ArrayRecord) else to_record(tensors)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=_instruction(node))
 
@@ -351,3 +353,94 @@ def test_fp16_transport_halves_the_bytes():
     assert back["x.lora_B.weight"].dtype == torch.float32
     torch.testing.assert_close(back["x.lora_B.weight"], t["x.lora_B.weight"], atol=2e-3, rtol=1e-3)
     assert isinstance(ArrayRecord({"a": Array(np.zeros(2, np.float16))}), ArrayRecord)
+
+
+def _uniform_strategy(tmp_path, min_train=2):
+    """The strategy as a DP run builds it (uniform weights: privacy.enabled)."""
+    scheme = make_scheme("ffa", synthetic_init(), RANK, ALPHA)
+    recorder = RunRecorder(tmp_path, rounds=3, meta={}, echo=lambda *_: None)
+    st = StrategyConfig(name="ffa")
+    strategy = build_strategy(LoraSetup(scheme, recorder, st, seed=3, uniform_weights=True), st, fraction_train=1.0,
+                              min_train_nodes=min_train, min_evaluate_nodes=1, min_available_nodes=1)
+    return strategy, scheme, recorder
+
+
+def test_a_site_claiming_a_huge_weight_does_not_steer_a_private_aggregate(tmp_path, flower_identity):
+    """The attack that worked: one site reporting num-examples=1e9 became the aggregate
+    (cosine 1.0). Under DP weights come from the protocol (uniform), not the reply."""
+    strategy, scheme, _ = _uniform_strategy(tmp_path)
+    _, g = _start_round(strategy, scheme, 1)
+    updates = [trained(scheme, g, RANK, i) for i in range(3)]
+    claims = [1e9, 10, 10]
+    new, _ = strategy.aggregate_train(1, [_reply(100 + i, u, n, i) for i, (u, n) in enumerate(zip(updates, claims))])
+    new = from_record(new)
+    for k in new:
+        plain_mean = sum(u[k] for u in updates) / 3  # every site counts the same
+        torch.testing.assert_close(new[k], plain_mean)
+    # and the claim is not needed at all: a reply without a count is a valid private reply
+    strategy, scheme, _ = _uniform_strategy(tmp_path)
+    _, g = _start_round(strategy, scheme, 1)
+    replies = [_reply(100 + i, trained(scheme, g, RANK, i), 10, i) for i in range(2)]
+    del replies[0].content.metric_records["metrics"]["num-examples"]
+    assert strategy.aggregate_train(1, replies)[0] is not None
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -5.0, 0.0])
+def test_non_finite_or_non_positive_weights_are_rejected_and_the_aggregate_stays_finite(tmp_path, flower_identity, weight):
+    strategy, scheme, recorder = _strategy(tmp_path, "ffa", min_train=2)
+    _, g = _start_round(strategy, scheme, 1)
+    replies = [_reply(100 + i, trained(scheme, g, RANK, i), 10, i) for i in range(3)]
+    replies[1].content.metric_records["metrics"]["num-examples"] = weight
+    new, _ = strategy.aggregate_train(1, replies)
+    new = from_record(new)
+    assert all(torch.isfinite(t).all() for t in new.values())
+    assert any("num-examples" in line and "finite positive" in line for line in recorder.log[1].rejected)
+    good = [trained(scheme, g, RANK, i) for i in (0, 2)]
+    for k in new:
+        torch.testing.assert_close(new[k], (good[0][k] + good[1][k]) / 2)
+
+
+def test_a_non_finite_aggregate_never_becomes_the_global_adapter(tmp_path, flower_identity, monkeypatch):
+    """Replies are checked finite one by one; should the combination overflow all the same,
+    the aggregate is checked before it becomes global."""
+    strategy, scheme, recorder = _uniform_strategy(tmp_path)
+    _, g = _start_round(strategy, scheme, 1)
+    combine = scheme.combine
+
+    def overflowing(*args, **kwargs):
+        new, aggregate = combine(*args, **kwargs)
+        return {k: v * float("inf") for k, v in new.items()}, aggregate
+
+    monkeypatch.setattr(scheme, "combine", overflowing)
+    arrays, _ = strategy.aggregate_train(1, [_reply(100 + i, trained(scheme, g, RANK, i), 10, i) for i in range(2)])
+    assert arrays is None
+    monkeypatch.setattr(scheme, "combine", combine)
+    arrays, _ = strategy.aggregate_train(1, [_reply(100 + i, trained(scheme, g, RANK, i), 10, i) for i in range(2)])
+    assert arrays is not None and all(torch.isfinite(t).all() for t in from_record(arrays).values())
+
+
+def test_the_norm_check_works_with_two_replies_against_the_previous_round(tmp_path, flower_identity):
+    strategy, scheme, recorder = _uniform_strategy(tmp_path)
+    _, g = _start_round(strategy, scheme, 1)
+    arrays, _ = strategy.aggregate_train(1, [_reply(100 + i, trained(scheme, g, RANK, i), 10, i) for i in range(2)])
+    assert arrays is not None and strategy.last_norm > 0
+    g2 = from_record(arrays)
+    _, g2 = _start_round(strategy, scheme, 2, g=g2)
+    honest = trained(scheme, g2, RANK, 7)
+    blown = {k: g2[k] + 1000 * (v - g2[k]) if ".lora_B." in k else v for k, v in trained(scheme, g2, RANK, 8).items()}
+    arrays, _ = strategy.aggregate_train(2, [_reply(100, honest, 10, 0), _reply(101, blown, 10, 1)])
+    assert any("site 1" in line and "previous round's median" in line for line in recorder.log[2].rejected)
+    assert not any(line.startswith("site 0") for line in recorder.log[2].rejected)
+
+
+def test_an_ffa_site_whose_frozen_a_differs_is_rejected(tmp_path, flower_identity):
+    """aggregation_error uses the server's A on both sides, so it cannot see a site that
+    trained on another A; the site's A fingerprint can."""
+    strategy, scheme, recorder = _strategy(tmp_path, "ffa", min_train=1)
+    _, g = _start_round(strategy, scheme, 1)
+    other_a = a_digest(synthetic_init(seed=1))
+    assert other_a != a_digest(synthetic_init())
+    replies = [_reply(100, trained(scheme, g, RANK, 0), 10, 0), _reply(101, trained(scheme, g, RANK, 1), 10, 1, a=other_a)]
+    assert strategy.aggregate_train(1, replies)[0] is not None
+    assert [line.split(":")[0] for line in recorder.log[1].rejected] == ["node 101"]
+    assert "frozen A differs" in recorder.log[1].rejected[0]

@@ -11,7 +11,7 @@ import pytest
 
 from fedslm.config import DataConfig, PrivacyConfig, TrainConfig
 from fedslm.data.errors import DataError
-from fedslm.data.sites import build_site_data, node_data_config, site_rows, site_table
+from fedslm.data.sites import build_site_data, site_rows, site_table
 from fedslm.data.sources import load_table
 from fedslm.data.tokenize import encode
 from fedslm.model import load_base_model, resolve_model_dir
@@ -188,14 +188,20 @@ def test_site_table_reports_sizes_and_mix(files):
     assert all(r["label_mix"] for r in table)
 
 
-def test_node_config_data_wins_and_uses_the_whole_file(files):
-    run_cfg = DataConfig(path=None, prompt_columns=["question"])
-    cfg, own = node_data_config(run_cfg, {"site-id": 4, "data-path": str(files / "qa.csv")})
-    assert own and cfg.path.endswith("qa.csv")
+def test_a_deployed_sites_data_settings_are_its_own_and_use_the_whole_file(files):
+    """The run's data settings (its path, columns, held-out fraction) never reach a
+    deployed site; its node config and policy file name its data."""
+    from fedslm.site.policy import PolicyError, SitePolicy, site_data_config
+
+    run_cfg = DataConfig(path="/coordinator/choice.jsonl", prompt_columns=["secret"], eval_fraction=0.9, max_length=300)
+    policy = SitePolicy.from_node_config({"site-id": 4, "data-path": str(files / "qa.csv")})
+    cfg = site_data_config(run_cfg, policy.data | {"prompt_columns": ["question"]})
+    assert cfg.path.endswith("qa.csv") and cfg.prompt_columns == ["question"]
+    assert cfg.eval_fraction == DataConfig().eval_fraction and cfg.max_length == 300
     rows = site_rows(cfg, 4, 1, own_data=True)
     assert len(rows.train) + len(rows.eval) == 30
-    with pytest.raises(DataError, match="no data-path"):
-        node_data_config(run_cfg, {"data-format": "csv"})
+    with pytest.raises(PolicyError, match="names no data of its own"):
+        site_data_config(run_cfg, SitePolicy.from_node_config({"data-format": "csv"}).data)
 
 
 # --- bad input: one message naming the problem and the fix ----------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import tomllib
-from pathlib import Path
 
 import pytest
 from cryptography import x509

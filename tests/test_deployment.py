@@ -5,7 +5,8 @@ resumed. Every process is ended by pid and the ports are checked free afterwards
 from __future__ import annotations
 
 import json
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,13 +103,19 @@ def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    trained = {(r["round"], r["site"]) for r in rows if r["train_loss"] is not None}
+    trained = {(r["round"], r["site"]) for r in rows if r["epsilon"] is not None}
     assert (1, 0) in trained and (1, 1) not in trained and {(2, 0), (2, 1)} <= trained
     eps = {(r["round"], r["site"]): r["epsilon"] for r in rows if r["epsilon"] is not None}
     # site 0's ledger went on across the coordinator's restart; site 1 has spent one round only
     assert eps[(2, 0)] > eps[(1, 0)] and eps[(2, 1)] == pytest.approx(eps[(1, 0)], rel=1e-6)
     assert eps[(2, 0)] <= 8.0
-    ledgers = sorted(p.parent.name for p in (fed.root / "site-0-state").glob("run-*/site-0.json"))
-    assert ledgers == [f"run-{saved['run_key']}"]  # one ledger for the run, across both Flower runs
+    # one lifetime ledger for site 0's data set, holding this run (one run key across both
+    # Flower runs); its epsilon is what the site reported
+    ledgers = list((fed.root / "site-0-state").glob("ledger-*.json"))
+    assert len(ledgers) == 1
+    assert list(json.loads(ledgers[0].read_text())["runs"]) == [saved["run_key"]]
+    listing = subprocess.run([sys.executable, "-m", "fedslm.cli", "ledger", str(fed.root / "site-0-state")],
+                             capture_output=True, text=True, check=True).stdout
+    assert f"run {saved['run_key']}: 2 round(s)" in listing and f"epsilon {eps[(2, 0)]:.3f}" in listing
     final = load_file(str(out / "adapters" / "round_002.safetensors"))
     assert any(t.abs().max() > 0 for k, t in final.items() if ".lora_B." in k)

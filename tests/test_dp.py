@@ -97,8 +97,9 @@ def test_clipping_and_noise_seen_by_the_optimizer(tiny, tiny_cfg):
             noise.append((p.grad * expected_batch - p.summed_grad).flatten())
         noise = torch.cat(noise)
         # Gaussian noise of std sigma * C on every coordinate
+        # (the noise is secret and fresh each run: a 5-sigma band of the std estimate)
         std = noise.std().item()
-        assert abs(std / (plan.noise_multiplier * cfg.max_grad_norm) - 1) < 0.05
+        assert abs(std / (plan.noise_multiplier * cfg.max_grad_norm) - 1) < 5 / (2 * noise.numel()) ** 0.5
         seen["checked"] += 1
 
     train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=3,
@@ -171,7 +172,7 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode, monkeypatch):
+def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode, monkeypatch, reproducible_dp):
     """A step whose Poisson batch is empty still moves the optimizer by pure Gaussian noise
     of std sigma * C / (expected batch), and is accounted like any other."""
     from fedslm.privacy.dp_step import PrivateStep, wrap_for_dp
@@ -204,8 +205,9 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny, tiny_cfg, mode, monkey
     assert stats.ledger.steps == 20  # empty steps are accounted like any other
     values = torch.cat(noise)
     expected_std = plan.noise_multiplier * cfg.max_grad_norm / (len(ds) * plan.sample_rate)
-    assert abs(values.std().item() / expected_std - 1) < 0.05
-    assert abs(values.mean().item()) < 0.05 * expected_std
+    # fresh secret noise each run: 5-sigma bands of the std and mean estimates
+    assert abs(values.std().item() / expected_std - 1) < 5 / (2 * values.numel()) ** 0.5
+    assert abs(values.mean().item()) < 5 * expected_std / values.numel() ** 0.5
     assert len({float(v[0]) for v in noise}) == len(noise)  # fresh noise each empty step
 
 
@@ -231,7 +233,7 @@ def test_prv_and_rdp_both_bound_the_same_history():
     assert 0 < prv < rdp  # PRV is the tighter accountant here; both are reported
 
 
-def test_gradient_accumulation_equals_the_unsplit_logical_batch(tiny, tiny_cfg):
+def test_gradient_accumulation_equals_the_unsplit_logical_batch(tiny, tiny_cfg, reproducible_dp):
     """Physical batches of 2 accumulated into Poisson logical batches of ~8: same sampled
     batches, same noise, same update, and one accounted step per logical batch."""
     model, tok = tiny
@@ -256,7 +258,7 @@ def test_gradient_accumulation_equals_the_unsplit_logical_batch(tiny, tiny_cfg):
 
 
 @pytest.mark.parametrize("mode", ["functorch", "ghost"])
-def test_grad_sample_modes_give_the_same_private_update_as_hooks(tiny, tiny_cfg, mode):
+def test_grad_sample_modes_give_the_same_private_update_as_hooks(tiny, tiny_cfg, mode, reproducible_dp):
     """Same Poisson batches and noise: functorch and ghost clipping must reproduce the
     hooks update (ghost without ever materialising per-sample gradients)."""
     from fedslm.privacy.dp_step import wrap_for_dp

@@ -134,7 +134,7 @@ def _private_round(model, tok, tiny_cfg, mode, *, physical=0, local_steps=3, bat
     return [p.detach().clone() for p in pm.parameters() if p.requires_grad], stats, cfg
 
 
-def test_private_round_equals_hooks_round_with_the_same_epsilon(tiny, tiny_cfg):
+def test_private_round_equals_hooks_round_with_the_same_epsilon(tiny, tiny_cfg, reproducible_dp):
     model, tok = tiny
     hooks, hooks_stats, cfg = _private_round(model, tok, tiny_cfg, "hooks")
     fast, fast_stats, _ = _private_round(model, tok, tiny_cfg, "lora")
@@ -145,7 +145,7 @@ def test_private_round_equals_hooks_round_with_the_same_epsilon(tiny, tiny_cfg):
     assert fast_stats.examples_seen == hooks_stats.examples_seen > 0
 
 
-def test_physical_batches_and_empty_batches_on_the_fast_path(tiny, tiny_cfg):
+def test_physical_batches_and_empty_batches_on_the_fast_path(tiny, tiny_cfg, reproducible_dp):
     model, tok = tiny
     whole, whole_stats, _ = _private_round(model, tok, tiny_cfg, "lora")
     split, split_stats, _ = _private_round(model, tok, tiny_cfg, "lora", physical=2)

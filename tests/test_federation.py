@@ -44,7 +44,7 @@ def test_a_bad_site_fails_alone(tiny_cfg, tmp_path, capsys):
     assert len(rejected) == 2 and all("site 2" in r and "fewer than train.batch_size=4" in r for r in rejected)
     assert "rejected site 2: site error: DataError: site 2 has 2 training examples" in capsys.readouterr().out
     rows_out = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert {r["site"] for r in rows_out if r["train_loss"] is not None} == {0, 1}
+    assert {r["site"] for r in rows_out if r["epsilon"] is not None} == {0, 1}
     assert [r["natural_id"] for r in site_table(cfg.data, 3)] == ["A", "B", "C"]
 
 

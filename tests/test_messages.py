@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +19,10 @@ from fedslm.privacy.accounting import BudgetExceededError
 from fedslm.site.handlers import handle_evaluate, handle_train, runtime_for
 from fedslm.transport import to_record
 
-TRAIN_METRICS = {"num-examples", "site", "lora_r", "train_loss", "epsilon", "epsilon_rdp", "epsilon_prv",
-                 "noise_multiplier", "sample_rate",
-                 "steps_total", "steps", "examples_seen", "train_seconds", "truncated"}
+# what a private site releases besides the adapter, written out here (not read from
+# fedslm.privacy.releases) so that a key added there fails this test until it is reviewed
+TRAIN_METRICS = {"site", "lora_r", "a_digest", "epsilon", "epsilon_rdp", "epsilon_prv", "epsilon_lifetime",
+                 "noise_multiplier", "sample_rate", "steps_total", "steps"}
 
 
 def _global(cfg):
@@ -78,7 +82,7 @@ def test_model_is_built_once_per_process(tiny_cfg, flower_identity):
 def test_evaluate_reply_is_metrics_only(tiny_cfg, flower_identity):
     reply = handle_evaluate(_message(tiny_cfg, "evaluate"), _context(), tiny_cfg)
     assert not reply.content.array_records and not reply.content.config_records
-    assert set(reply.content.metric_records["metrics"]) == {"num-examples", "site", "eval_loss"}
+    assert set(reply.content.metric_records["metrics"]) == {"site", "eval_loss"}
 
 
 def test_epsilon_accumulates_in_node_state_and_site_refuses_past_budget(tiny_cfg, flower_identity):
@@ -88,7 +92,9 @@ def test_epsilon_accumulates_in_node_state_and_site_refuses_past_budget(tiny_cfg
         reply = handle_train(_message(tiny_cfg, "train", r), ctx, tiny_cfg, progress=False)
         eps.append(reply.content.metric_records["metrics"]["epsilon"])
     assert eps[0] < eps[1] <= tiny_cfg.privacy.epsilon
-    assert "fedslm.privacy" in ctx.state.config_records
+    # the ledger is on the site's disk (a simulation's: the run directory), not in node state
+    assert not ctx.state.config_records
+    assert len(list((Path(tiny_cfg.output_dir) / "ledgers").glob("ledger-*.json"))) == 1
     with pytest.raises(BudgetExceededError, match="refuses to train"):
         handle_train(_message(tiny_cfg, "train", 99), ctx, tiny_cfg, progress=False)
     # a fresh node state (another site) still has its whole budget
@@ -98,16 +104,17 @@ def test_epsilon_accumulates_in_node_state_and_site_refuses_past_budget(tiny_cfg
 def test_ledger_survives_a_client_restart(tiny_cfg, flower_identity, tmp_path):
     """A restarted SuperNode has an empty node state; the site's ledger file on its own
     disk still holds what was spent, so epsilon continues instead of restarting at 0."""
-    first = _context(site=0, run_id=4242, **{"state-dir": str(tmp_path)})
+    tiny_cfg.privacy.ledger_dir = str(tmp_path)
+    first = _context(site=0, run_id=4242)
     eps1 = handle_train(_message(tiny_cfg, "train", 1), first, tiny_cfg, progress=False).content.metric_records["metrics"]["epsilon"]
-    restarted = _context(site=0, run_id=4242, **{"state-dir": str(tmp_path)})
+    restarted = _context(site=0, run_id=4242)
     assert not restarted.state.config_records
     eps2 = handle_train(_message(tiny_cfg, "train", 2), restarted, tiny_cfg, progress=False).content.metric_records["metrics"]["epsilon"]
     assert eps2 > eps1
     with pytest.raises(BudgetExceededError):  # the budget of 2 rounds is spent across the restart
-        handle_train(_message(tiny_cfg, "train", 3), _context(site=0, run_id=4242, **{"state-dir": str(tmp_path)}),
-                     tiny_cfg, progress=False)
-    assert (tmp_path / "run-4242" / "site-0.json").is_file()
+        handle_train(_message(tiny_cfg, "train", 3), _context(site=0, run_id=4242), tiny_cfg, progress=False)
+    (ledger,) = tmp_path.glob("ledger-*.json")
+    assert list(json.loads(ledger.read_text())["runs"]) == ["flwr-4242"]
 
 
 def test_malformed_global_adapter_is_refused(tiny_cfg, flower_identity):
@@ -117,12 +124,12 @@ def test_malformed_global_adapter_is_refused(tiny_cfg, flower_identity):
         handle_train(Message(content, dst_node_id=11, message_type="train"), _context(), tiny_cfg, progress=False)
 
 
-def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp_path):
-    """In deployment the path comes from the SuperNode; the server's config has none and
-    the reply carries counts only."""
+def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp_path, capsys):
+    """The path comes from the node config, not the run's config; a private reply carries
+    no count, but the sampling rate it must release is that file's (Opacus: 1 / batches per epoch)."""
     import json
 
-    from fedslm.data.errors import DataError
+    from fedslm.config import ConfigError
 
     def write(name: str, n: int):
         rows = [{"question": f"Is {i} a number?", "reply": f"Yes, {i} is."} for i in range(n)]
@@ -141,20 +148,18 @@ def test_site_reads_its_own_file_from_node_config(tiny_cfg, flower_identity, tmp
     assert tiny_cfg.data.path is None  # the run's config names no file: only the node config does
     reply = handle_train(_message(tiny_cfg, "train"), node(path), tiny_cfg, progress=False)
     metrics = reply.content.metric_records["metrics"]
-    assert metrics["site"] == 5 and metrics["num-examples"] == 36  # 40 rows, 10% held out
+    assert metrics["site"] == 5 and metrics["sample_rate"] == pytest.approx(1 / math.ceil(36 / tiny_cfg.train.batch_size))
+    assert "site 5: 36 train / 4 held-out examples (its own data)" in capsys.readouterr().out  # 40 rows, 10% held out
     # no record that could carry the path or a row's text (config records hold strings)
     assert set(reply.content) == {"arrays", "metrics"} and not reply.content.config_records
-    # the counts come from the file the node config names: the same site id with another
-    # file (30 rows: 27 train, 3 held out) reports that file's sizes, in training and evaluation
+    # the same site id with another file (30 rows: 27 train, 3 held out) uses that file
     reply = handle_train(_message(tiny_cfg, "train"), node(other), tiny_cfg, progress=False)
-    assert reply.content.metric_records["metrics"]["num-examples"] == 27
-    reply = handle_evaluate(_message(tiny_cfg, "evaluate"), node(other), tiny_cfg)
-    assert reply.content.metric_records["metrics"]["num-examples"] == 3
-    reply = handle_evaluate(_message(tiny_cfg, "evaluate"), node(path), tiny_cfg)
-    assert reply.content.metric_records["metrics"]["num-examples"] == 4
+    assert reply.content.metric_records["metrics"]["sample_rate"] == pytest.approx(1 / math.ceil(27 / tiny_cfg.train.batch_size))
+    handle_evaluate(_message(tiny_cfg, "evaluate"), node(other), tiny_cfg)
+    assert "site 5: 27 train / 3 held-out examples (its own data)" in capsys.readouterr().out
     # and a node config naming a file that is not there fails with that path
     missing = tmp_path / "not_there.jsonl"
-    with pytest.raises(DataError, match=f"data file {re.escape(str(missing))} does not exist"):
+    with pytest.raises(ConfigError, match=f"data.path: '{re.escape(str(missing))}' does not exist"):
         handle_train(_message(tiny_cfg, "train"), node(missing, site=6), tiny_cfg, progress=False)
 
 
@@ -188,20 +193,24 @@ def test_a_round_sent_again_is_answered_from_the_saved_reply_not_trained_twice(t
     """After a coordinator crash the site may receive the dead run's round and then the
     resumed run's same round (same run key, round and global adapter): the second answer is
     the first reply, and the ledger is charged once. Another global adapter trains again."""
-    from fedslm.site.ledger import ledger_file
-
     def message(server_round: int, shift: float = 0.0) -> Message:
         g = {k: v + shift for k, v in _global(tiny_cfg).items()}
         config = ConfigRecord({"server-round": server_round, "run-key": "crashed-run"})
         return Message(RecordDict({"arrays": to_record(g), "config": config}), dst_node_id=11, message_type="train")
 
     def node() -> Context:  # a fresh ClientApp process: empty node state, same disk
-        return _context(site=0, **{"state-dir": str(tmp_path)})
+        return _context(site=0)
+
+    tiny_cfg.privacy.ledger_dir = str(tmp_path)
+
+    def ledger_text() -> str:
+        (ledger,) = tmp_path.glob("ledger-*.json")
+        return ledger.read_text()
 
     first = handle_train(message(1), node(), tiny_cfg, progress=False).content
-    spent = ledger_file(tiny_cfg, node(), 0, "crashed-run").read_text()
+    spent = ledger_text()
     again = handle_train(message(1), node(), tiny_cfg, progress=False).content
-    assert ledger_file(tiny_cfg, node(), 0, "crashed-run").read_text() == spent  # not charged twice
+    assert ledger_text() == spent  # not charged twice
     assert dict(again.metric_records["metrics"]) == dict(first.metric_records["metrics"])
     for k, arr in first["arrays"].items():
         assert arr.data == again["arrays"][k].data

@@ -37,7 +37,8 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapters" / "round_002.safetensors"))
 
 
-def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys):
+def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys,
+                                                                       reproducible_dp):
     full = _cfg(tiny_cfg, tmp_path / "full")
     run_in_process(full)
 

@@ -85,6 +85,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_strategy(cfg, need, problems)
     if cfg.privacy.grad_sample_mode == "ghost" and cfg.train.max_physical_batch:
         problems.append("train.max_physical_batch: not supported with privacy.grad_sample_mode=ghost; use hooks")
+    if cfg.privacy.enabled and cfg.data.packing:
+        # greedy packing shifts every later block when one document is removed, so one
+        # record would touch many DP samples: the per-record guarantee would not hold
+        problems.append("data.packing: not allowed with privacy.enabled=true (removing one record moves "
+                        "every later block, so one record is not one DP sample); set data.packing=false")
     if cfg.privacy.enabled and cfg.lora.dropout > 0:
         problems.append("lora.dropout: must be 0 with privacy.enabled=true "
                         "(dropout masks differ per sample and are not accounted)")

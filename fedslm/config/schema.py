@@ -145,8 +145,10 @@ class PrivacyConfig:
     canaries: int = 0
     canary_site: int = 0
     canary_repeats: int = 1
-    # Opacus secure RNG (needs torchcsprng); off means noise is seeded and reproducible.
-    secure_mode: bool = False
+    # Where simulated sites keep their lifetime ledgers; None = the run directory, so each
+    # simulation starts with a fresh budget. Point several runs (a sweep) at one directory
+    # to make them spend from one budget, as real sites do (their node config state-dir).
+    ledger_dir: Optional[str] = None
 
 
 @dataclass

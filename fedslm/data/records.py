@@ -69,7 +69,8 @@ def check_labels(ds: datasets.Dataset, cfg: DataConfig, labels: list[str] | None
         raise DataError(
             f"{where}: {len(bad)} label value(s) not in the label set of {cfg.labels_path} "
             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); allowed are e.g. "
-            f"{', '.join(labels[:5])}: fix the labels or the label list"
+            f"{', '.join(labels[:5])}: fix the labels or the label list",
+            public=f"{where}: {len(bad)} label value(s) not in the site's label set (the values are in the site's log)",
         )
 
 

@@ -13,7 +13,7 @@ import io
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 import datasets
@@ -48,18 +48,6 @@ class SiteData:
     natural_id: str | None
     train: TokenizedDataset
     eval: TokenizedDataset
-
-
-def node_data_config(cfg: DataConfig, node_config: dict) -> tuple[DataConfig, bool]:
-    """The data config a site uses: its node config's data-* keys win over the run's.
-    Returns (config, whether the site brought its own data)."""
-    own = {field: node_config[key] for key, field in NODE_DATA_KEYS.items() if key in node_config}
-    if not own:
-        return cfg, False
-    if "path" not in own:
-        raise DataError("node config sets data options but no data-path; add --node-config 'data-path=\"/your/file.jsonl\"'")
-    own = {k: (str(v) or None) for k, v in own.items()}
-    return replace(cfg, **own), True
 
 
 def is_synthetic(cfg: DataConfig) -> bool:

@@ -117,6 +117,10 @@ class Loopback:
     procs: list[Proc] = field(default_factory=list)
     link: Proc | None = None
     nodes: dict[int, Proc] = field(default_factory=dict)
+    # every site's own data file (synthetic clinic rows) and its model cache: a deployed
+    # site never takes either from the coordinator
+    site_examples: int = 54
+    cache: Path | None = None
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -172,7 +176,8 @@ class Loopback:
                    name: str | None = None) -> Proc:
         port = free_port()
         state = self.root / f"site-{site}-state"
-        cfg = f'site-id={site} state-dir="{state}" {node_config}'.strip()
+        own = f'data-path="{self.site_data(site)}"' + (f' cache-dir="{self.cache}"' if self.cache else "")
+        cfg = f'site-id={site} state-dir="{state}" {own} {node_config}'.strip()
         proc = self._start(name or f"supernode-{site}", [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}",
             "--root-certificates", str(ca or self.certs.ca_cert),
@@ -182,6 +187,18 @@ class Loopback:
         if name is None:
             self.nodes[site] = proc
         return proc
+
+    def site_data(self, site: int) -> Path:
+        """The site's own data file, written once (the built-in synthetic clinic rows)."""
+        import json
+
+        from fedslm.data.clinic import generate_site
+
+        path = self.root / f"site-{site}-data.jsonl"
+        if not path.exists():
+            rows = generate_site(site, self.site_examples, seed=0)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
 
     def unregistered_key(self) -> Path:
         return make_node_keys(self.root / "certs", "stranger")[0]

@@ -101,3 +101,16 @@ def set_base_delta(peft_model: PeftModel, deltas: dict[str, torch.Tensor], origi
             weight = peft_model.get_submodule(layer).base_layer.weight
             w0 = originals.setdefault(layer, weight.detach().clone())
             weight.copy_(w0 + delta.to(w0.dtype))
+
+
+def a_digest(tensors: dict[str, torch.Tensor]) -> int:
+    """A 48-bit fingerprint of the frozen A matrices (exact as a float metric). FFA sites
+    never send A; the server checks this against its own A, because aggregation_error
+    computed with the server's A on both sides cannot see a site whose A differs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(k for k in tensors if ".lora_A." in k):
+        h.update(key.encode())
+        h.update(tensors[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:6], "big")

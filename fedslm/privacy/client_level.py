@@ -33,14 +33,18 @@ def with_client_level_dp(strategy, cfg: RunConfig, per_round: int):
     return wrapper(strategy, p.client_noise_multiplier, p.client_clip_norm, per_round)
 
 
-def client_level_epsilon(noise_multiplier: float, sites_per_round: int, sites: int, rounds: int, delta: float) -> float:
+def client_level_epsilon(noise_multiplier: float, sampled_per_round: int, averaged: list[int], delta: float) -> float:
     """Epsilon of a whole site's participation under server-side clipping + noise.
 
-    One release per round, each site taking part with rate sites_per_round / sites
-    (exact when every site joins every round; with sampling, Flower draws a fixed number
-    of sites and the Poisson rate is the usual approximation, as in DP-FedAvg)."""
+    One Gaussian release per round and no credit for sampling: the sites are drawn by the
+    coordinator from a public seed, so amplification by subsampling would not hold. Flower
+    calibrates the noise for the sampled count k, but the mean is taken over the m replies
+    that survive; a mean over fewer sites moves more per site, so a round with m < k is
+    accounted at the noise multiplier it really had, noise_multiplier * m / k."""
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    acc.history = [(noise_multiplier, min(1.0, sites_per_round / sites), rounds)]
+    acc.history = [(noise_multiplier * m / sampled_per_round, 1.0, 1) for m in averaged if m > 0]
+    if not acc.history:
+        return 0.0
     return float(acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))

@@ -56,13 +56,15 @@ class _PerSequenceLoss:
 class PrivateStep:
     """Opacus's optimizer and Poisson loader for one local round, and the ledger after it."""
 
-    def __init__(self, dp: DPContext, grad_sample_module, optimizer, loader, seed: int):
+    def __init__(self, dp: DPContext, grad_sample_module, optimizer, loader, noise_generator: torch.Generator):
+        """`loader`'s generator drives the Poisson sampling and `noise_generator` the noise:
+        both secret (fedslm.privacy.randomness)."""
         from opacus import PrivacyEngine
 
         self.ghost = dp.cfg.grad_sample_mode == "ghost"
-        self.engine = PrivacyEngine(accountant=dp.cfg.accountant, secure_mode=dp.cfg.secure_mode)
+        # the engine's own secure_mode needs torchcsprng; the generators come from OS entropy
+        self.engine = PrivacyEngine(accountant=dp.cfg.accountant, secure_mode=False)
         self.engine.accountant.history = list(dp.ledger.history)
-        noise_gen = None if dp.cfg.secure_mode else torch.Generator().manual_seed(seed + 1)
         private = self.engine.make_private(
             module=grad_sample_module,
             optimizer=optimizer,
@@ -70,12 +72,15 @@ class PrivateStep:
             noise_multiplier=dp.plan.noise_multiplier,
             max_grad_norm=dp.cfg.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=noise_gen,
+            noise_generator=noise_generator,
             # the lora path fills grad_sample itself; Opacus only clips, noises and accounts
             grad_sample_mode="no_op" if dp.cfg.grad_sample_mode == "lora" else dp.cfg.grad_sample_mode,
             **({"criterion": _PerSequenceLoss()} if self.ghost else {}),
         )
         self.optimizer, self.loader = private[1], private[-1]
+        # Opacus's floating-point-safe Gaussian sampling (sum of four draws), which its
+        # secure_mode would turn on; here only the noise sampling is switched
+        self.optimizer.secure_mode = True
         self._criterion = private[2] if self.ghost else None
 
     def backward(self, per_sequence: torch.Tensor) -> None:

@@ -9,32 +9,38 @@ from __future__ import annotations
 from fedslm.config import RunConfig
 from fedslm.privacy.accounting import expected_rounds, sites_per_round
 from fedslm.privacy.client_level import client_level_epsilon
+from fedslm.privacy.releases import released
 
 
-def privacy_report(cfg: RunConfig, train_metrics: dict[int, dict[int, dict]]) -> dict:
-    """`train_metrics`: round -> site -> the metrics of its training reply."""
+def privacy_report(cfg: RunConfig, train_metrics: dict[int, dict[int, dict]],
+                   eval_metrics: dict[int, dict[int, dict]] | None = None) -> dict:
+    """`train_metrics` / `eval_metrics`: round -> site -> the metrics of its reply."""
     last: dict[int, dict] = {}
     for r in sorted(train_metrics):
         last.update(train_metrics[r])
     p, fed = cfg.privacy, cfg.federation
+    what = released(train_metrics, eval_metrics or {}, p.enabled)
     client = None
     if p.client_level:
         per_round = sites_per_round(fed)
+        averaged = [len(train_metrics[r]) for r in sorted(train_metrics) if r > 0 and train_metrics[r]]
         client = {
             "mechanism": f"server-side {p.client_clipping} clipping of each site's adapter update + Gaussian noise "
                          "on the aggregate (Flower DP strategy wrapper), uniform site weights",
             "noise_multiplier": p.client_noise_multiplier,
             "clip_norm": p.client_clip_norm,
-            "sampling_rate": min(1.0, per_round / fed.sites),
-            "epsilon": client_level_epsilon(p.client_noise_multiplier, per_round, fed.sites, fed.rounds, p.delta),
+            "replies_averaged_per_round": averaged,
+            "epsilon": client_level_epsilon(p.client_noise_multiplier, per_round, averaged, p.delta),
             "delta": p.delta,
             "accountant": "rdp",
-            "covers": "all records of a site together (site-level)",
+            "covers": "all records of a site together (site-level), against users of the model only: "
+                      "the coordinator adds this noise and sees every update before it",
         }
     if not p.enabled:
-        out = {"level": "client" if client else "none", "rounds": fed.rounds, "sites": len(last)}
+        out = {"level": "client" if client else "none", "rounds": fed.rounds, "sites": len(last), "released": what}
         return {**out, "client_level": client} if client else out
     return {
+        "released": what,
         "level": "sample+client" if client else "sample",
         "client_level": client,
         "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism with per-example clipping (Opacus)",
@@ -89,9 +95,14 @@ def guarantee_text(privacy: dict) -> tuple[str, str]:
         scope += (
             f"\n\nSite-level DP on top: each site's adapter update was clipped to norm {client['clip_norm']} "
             f"({client['mechanism']}) with noise multiplier {client['noise_multiplier']}: "
-            f"({client['epsilon']:.2f}, {client['delta']:g})-DP for everything a site contributed, "
-            f"sampling rate {client['sampling_rate']:.2f}."
+            f"({client['epsilon']:.2f}, {client['delta']:g})-DP for everything a site contributed, against "
+            "users of this model (not against the coordinator, which added the noise), with no credit "
+            "taken for the sampling of sites."
         )
+    not_covered = (privacy.get("released") or {}).get("not_covered")
+    if level.startswith("sample") and not_covered:
+        scope += ("\n\nReleased by the sites outside this guarantee: "
+                  + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in not_covered.items()) + ".")
     return guarantee, scope
 
 

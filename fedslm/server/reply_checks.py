@@ -6,28 +6,35 @@ strategy rejects the reply with that sentence and the round goes on with the res
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from fedslm.lora.adapter import a_digest
 from fedslm.lora.schemes import Scheme, SiteUpdate
 
 WEIGHT_KEY = "num-examples"
 
 
-def reply_problem(content, scheme: Scheme, global_rank: int) -> str | None:
-    """Records, weight, rank, exact key set and shapes for that rank, dtype, finiteness."""
+def reply_problem(content, scheme: Scheme, global_rank: int, needs_weight: bool = True) -> str | None:
+    """Records, weight (when the aggregate uses one), rank, exact key set and shapes for
+    that rank, dtype, finiteness."""
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return "reply lacks the 'arrays' or 'metrics' record"
     metrics = content.metric_records["metrics"]
     weight = metrics.get(WEIGHT_KEY)
-    if not isinstance(weight, (int, float)) or weight <= 0:
-        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
+    if needs_weight and (not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0):
+        return f"'{WEIGHT_KEY}' must be a finite positive number, got {weight!r}"
     rank = metrics.get("lora_r")
     if not isinstance(rank, int) or not 1 <= rank <= global_rank:
         return f"'lora_r' must be an integer rank in [1, {global_rank}], got {rank!r}"
     if rank != global_rank and not scheme.mixed_ranks:
         return (f"site trains rank {rank} but strategy {scheme.name} needs every site at the global rank "
                 f"{global_rank}; heterogeneous ranks need strategy=exact or stack")
+    if not scheme.trains_a and metrics.get("a_digest") != a_digest(scheme.init):
+        return (f"the site's frozen A differs from the coordinator's (a_digest {metrics.get('a_digest')!r}, expected "
+                f"{a_digest(scheme.init)}): another lora.init_seed, base model or target modules")
     expected = scheme.reply_shapes(rank)
     arrays = content.array_records["arrays"]
     keys = set(arrays.keys())
@@ -56,14 +63,20 @@ def unchanged_or_zero(scheme: Scheme, update: SiteUpdate, sent: dict[str, torch.
     return None
 
 
-def norm_outliers(norms: list[float], ratio: float) -> dict[int, str]:
-    """Indices of update norms above `ratio` x the median, with the reason. Needs 3 or more
-    updates: with two, the median cannot tell which one is wrong."""
-    if ratio <= 0 or len(norms) < 3:
+def norm_outliers(norms: list[float], ratio: float, previous: float | None = None) -> dict[int, str]:
+    """Indices of update norms above `ratio` x the round's median, with the reason. With
+    fewer than three updates the median cannot tell which one is wrong, so the yardstick
+    is the previous aggregated round's median (`previous`), when there is one."""
+    if ratio <= 0 or not norms:
         return {}
-    median = float(np.median(norms))
+    if len(norms) >= 3:
+        median, what = float(np.median(norms)), "the round's median"
+    elif previous:
+        median, what = previous, "the previous round's median"
+    else:
+        return {}
     return {
-        i: f"update norm {n:.3g} is {n / median:.1f}x the round's median {median:.3g} (limit {ratio:g}x, strategy.max_norm_ratio)"
+        i: f"update norm {n:.3g} is {n / median:.1f}x {what} {median:.3g} (limit {ratio:g}x, strategy.max_norm_ratio)"
         for i, n in enumerate(norms)
         if median > 0 and n > ratio * median
     }

@@ -137,7 +137,8 @@ def outputs(run: ServerRun, final: dict, echo=print) -> dict:
     """privacy.json, the merged model with its card, summary.json and curves.png."""
     cfg = run.cfg
     rank, alpha, final_view = run.scheme.peft_view(final)
-    privacy = privacy_report(cfg, {r: rl.train for r, rl in run.recorder.log.items()})
+    privacy = privacy_report(cfg, {r: rl.train for r, rl in run.recorder.log.items()},
+                             {r: rl.eval for r, rl in run.recorder.log.items()})
     (run.run_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
     extra = {
         "strategy": cfg.strategy.name,

@@ -48,6 +48,9 @@ class LoraStrategy(FedAvg):
         self.current: dict | None = None  # the global adapter sent this round (fp32)
         self.sent: dict | None = None  # ... as the sites received it (transport dtype)
         self.errors: dict[int, float] = {}
+        # the median update norm of the last aggregated round: the yardstick for a round
+        # with fewer than three replies, where a median cannot tell which one is wrong
+        self.last_norm: float | None = None
 
     @property
     def scheme(self) -> Scheme:
@@ -94,7 +97,8 @@ class LoraStrategy(FedAvg):
                     self.exhausted.add(node)
                 self.recorder.rejected(server_round, node, f"site error: {msg.error.reason}")
                 continue
-            problem = reply_problem(msg.content, self.scheme, self.setup.global_rank)
+            problem = reply_problem(msg.content, self.scheme, self.setup.global_rank,
+                                    needs_weight=not self.setup.uniform_weights)
             update = None
             if problem is None:
                 metrics = msg.content.metric_records["metrics"]
@@ -113,7 +117,7 @@ class LoraStrategy(FedAvg):
         # a norm far above the round's median: a diverged or malicious site
         norms = [distance(self.scheme.update_terms(u.tensors, u.rank), self.scheme.start_terms(self.sent, u.rank))
                  for _, u in updates]
-        outliers = norm_outliers(norms, self.setup.max_norm_ratio)
+        outliers = norm_outliers(norms, self.setup.max_norm_ratio, self.last_norm)
         for i in sorted(outliers, reverse=True):
             msg, _ = updates.pop(i)
             self.recorder.rejected(server_round, msg.metadata.src_node_id, f"invalid update: {outliers[i]}")
@@ -129,10 +133,15 @@ class LoraStrategy(FedAvg):
             return None, None
         sites = [u for _, u in updates]
         new, aggregate = self.scheme.combine(self.current, sites, self.setup.rule, self.setup.trim)
+        if not all(torch.isfinite(t).all() for t in new.values()):
+            self.recorder.note(server_round, "the aggregate is not finite; global adapter unchanged this round")
+            return None, None
+        kept = [n for i, n in enumerate(norms) if i not in outliers]
+        self.last_norm = float(np.median(kept)) if kept else self.last_norm
         target = weighted_sum([self.scheme.update_terms(u.tensors, u.rank) for u in sites], [u.weight for u in sites])
         self.errors[server_round] = relative_error(aggregate, target)
         self.recorder.aggregation_error(server_round, self.errors[server_round])
-        metrics = self.train_metrics_aggr_fn([m.content for m, _ in updates], WEIGHT_KEY)
+        metrics = self.train_metrics_aggr_fn([_weighted(m.content, u.weight) for m, u in updates], "weight")
         return to_record(new), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -156,21 +165,28 @@ class LoraStrategy(FedAvg):
             self.recorder.eval_reply(server_round, msg.metadata.src_node_id, dict(msg.content.metric_records["metrics"]))
             valid.append(msg)
         self.recorder.round_finished(server_round)
-        valid = [m for m in valid if m.content.metric_records["metrics"].get(WEIGHT_KEY, 0) > 0]
-        if not valid:  # e.g. every held-out example was too long and dropped
+        if not valid:
             return None
-        return self.evaluate_metrics_aggr_fn([m.content for m in valid], WEIGHT_KEY)
+        # each site's held-out loss counts once (its held-out size is not released)
+        return self.evaluate_metrics_aggr_fn([_weighted(m.content, 1.0) for m in valid], "weight")
 
 
     # --- the server's checkpoint (fedslm.server.checkpoint) ----------------------------
     def state_dict(self) -> dict:
         return {"exhausted": sorted(self.exhausted), "errors": {str(k): v for k, v in self.errors.items()},
-                "flower": flower_state(self)}
+                "last_norm": self.last_norm, "flower": flower_state(self)}
 
     def load_state_dict(self, state: dict) -> None:
         self.exhausted = set(state["exhausted"])
         self.errors = {int(k): v for k, v in state["errors"].items()}
+        self.last_norm = state.get("last_norm")
         load_flower_state(self, state["flower"])
+
+
+def _weighted(content: RecordDict, weight: float) -> RecordDict:
+    """A reply's metrics with the weight the aggregate gave it, for Flower's metric mean."""
+    metrics = {k: v for k, v in content.metric_records["metrics"].items() if isinstance(v, (int, float))}
+    return RecordDict({"metrics": MetricRecord({**metrics, "weight": float(weight)})})
 
 
 # Attributes in which Flower's strategies and DP wrappers carry state from round to round
@@ -239,8 +255,9 @@ class LoraSetup:
         self.trim = st.trim_fraction
         self.max_norm_ratio = st.max_norm_ratio
         self.transport_dtype = transport_dtype
-        # client-level DP bounds each site's influence by the clip norm only if every site
-        # counts the same in the mean; example weights would let a big site exceed it
+        # Under DP every site counts the same: a weight from the site's own count is its
+        # say-so (weight 1e9 made one site the aggregate), the count itself is private, and
+        # client-level DP bounds a site's influence by the clip norm only in a uniform mean
         self.uniform_weights = uniform_weights
         self.per_round = per_round
         self.seed = seed
@@ -261,7 +278,7 @@ def build_strategy(setup: LoraSetup, st: StrategyConfig, **fedavg_kwargs) -> Lor
 
 def strategy_for(cfg: RunConfig, scheme: Scheme, recorder: RunRecorder, per_round: int, min_sites: int) -> LoraStrategy:
     setup = LoraSetup(scheme, recorder, cfg.strategy, transport_dtype=cfg.federation.transport_dtype,
-                      uniform_weights=cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed)
+                      uniform_weights=cfg.privacy.enabled or cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed)
     return build_strategy(
         setup, cfg.strategy,
         fraction_train=cfg.federation.fraction_train,

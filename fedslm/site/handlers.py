@@ -1,5 +1,13 @@
-"""What one site does when a message arrives: load the global adapter, train or evaluate
-on its own data, and reply with adapter tensors and metrics only."""
+"""What one site does when a message arrives: check the run against its own policy, load
+the global adapter, train or evaluate on its own data, and reply with what it may release.
+
+What a reply carries is decided here (threat model, rule 1). Under DP a train reply holds
+the adapter (covered by epsilon) and figures that are public by construction: the site id
+and rank (its node config), the accountant's figures, the round's step counts. The
+training loss, the examples seen, truncation counts and timings stay in the site's own
+log. An evaluate reply releases one held-out loss per round; epsilon does not cover it, so
+privacy.json names it and a site's policy may decline (`evaluate: false`).
+"""
 
 from __future__ import annotations
 
@@ -10,33 +18,34 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedslm.config import RunConfig
-from fedslm.lora.adapter import adapter_state
+from fedslm.lora.adapter import a_digest, adapter_state
 from fedslm.privacy.accounting import expected_rounds
 from fedslm.privacy.dp_step import DPContext
 from fedslm.privacy.plan import check_site_size
+from fedslm.privacy.releases import DP_TRAIN_KEYS, NON_DP_TRAIN_KEYS
 from fedslm.site.evaluate import evaluate_loss
-from fedslm.site.ledger import ledger_file, load_ledger, save_ledger
+from fedslm.site.ledger import SiteLedger, check_run_key, data_fingerprint
+from fedslm.site.policy import PolicyError
 from fedslm.site.replay import ReplyCache, round_digest
-from fedslm.site.runtime import load_global, runtime_for, site_data, site_id, site_rank
+from fedslm.site.runtime import SiteSetup, load_global, runtime_for, site_data, site_id, site_rank, site_setup
 from fedslm.site.train import train_local
 from fedslm.transport import to_record
 
-
-def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool = True) -> Message:
+def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress: bool = True) -> Message:
+    setup = site_setup(context, cfg)
+    cfg = setup.cfg
     site = site_id(context)
-    rt = runtime_for(cfg, site_rank(cfg, context, site))
-    data = site_data(cfg, context, rt)
-    train_ds = data.train
-    load_global(rt, msg.content["arrays"])
     server_round = int(msg.content["config"]["server-round"])
-    run_key = str(msg.content["config"]["run-key"]) if "run-key" in msg.content["config"] else None
+    run_key = _run_key(msg, context)
+    rt = runtime_for(cfg, site_rank(cfg, context, site))
+    data = site_data(cfg, context, rt, setup.own_data)
+    train_ds = data.train
+    ledger = _ledger(setup, context)
 
-    dp, noise, rate = None, 0.0, 0.0
-    eps = {"rdp": 0.0, "prv": 0.0}
     replay = digest = None
     if cfg.privacy.enabled:
         # a round already released is sent again as it was, never trained (and charged) twice
-        replay = ReplyCache(ledger_file(cfg, context, site, run_key).with_suffix(".last-reply.safetensors"))
+        replay = ReplyCache(ledger.path.with_name(f"reply-{ledger.fingerprint[:24]}-{run_key}.safetensors"))
         digest = round_digest(msg.content["arrays"], server_round, run_key)
         saved = replay.get(digest)
         if saved is not None:
@@ -44,20 +53,25 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
                   "sending the same reply again (no new privacy cost)", flush=True)
             arrays = to_record(saved.tensors, cfg.federation.transport_dtype)
             return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(saved.metrics)}), reply_to=msg)
-        ledger = load_ledger(cfg, context, site, run_key)
+    load_global(rt, msg.content["arrays"])
+
+    dp, noise, rate = None, 0.0, 0.0
+    if cfg.privacy.enabled:
         plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), expected_rounds(cfg.federation), site)
-        # refuse before spending anything (raises BudgetExceededError with the numbers)
-        ledger.check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
-        dp, noise, rate = DPContext(cfg.privacy, plan, ledger), plan.noise_multiplier, plan.sample_rate
+        # refuse before spending anything (raises BudgetExceededError with the numbers):
+        # this run's target, then the data set's lifetime budget under the site's policy
+        ledger.run(run_key).check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+        ledger.check_lifetime(setup.policy.max_lifetime_epsilon, cfg.privacy.delta, plan.noise_multiplier,
+                              plan.sample_rate, cfg.train.local_steps)
+        dp, noise, rate = DPContext(cfg.privacy, plan, ledger.run(run_key)), plan.noise_multiplier, plan.sample_rate
 
     bar = _StepBar(cfg, site, server_round) if progress and cfg.train.progress else None
     seed = hash((cfg.seed, site, server_round)) % (2**31)
-    # Batches (Opacus's Poisson sampler inherits the loader's generator when secure_mode is
-    # off) and DP noise use generators seeded inside train_local; LoRA dropout draws from
-    # torch's global generator. Seeding that here, after the runtime is built (whose first
-    # build consumes global draws), makes a round's update independent of what this
-    # process ran before, so a fresh ClientApp process (deployment, a resumed run, another
-    # Ray actor) trains exactly like a warm one
+    # The seed is public (it is in the run config), so it drives only what is not private:
+    # batch order without DP and LoRA dropout (which DP forbids). Under DP, train_local
+    # draws the Poisson batches and the noise from OS entropy. Seeding torch's global
+    # generator here, after the runtime is built, makes a non-DP round independent of what
+    # this process ran before (a fresh ClientApp process trains exactly like a warm one)
     torch.manual_seed(seed)
     stats = train_local(
         rt.peft_model,
@@ -72,19 +86,24 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
     )
     if bar:
         bar.close()
+    eps = {"rdp": 0.0, "prv": 0.0}
+    lifetime = 0.0
     if stats.ledger is not None:
-        save_ledger(cfg, context, site, stats.ledger, run_key)
+        ledger.record_round(run_key, server_round, stats.ledger)
         eps = {name: stats.ledger.epsilon(cfg.privacy.delta, name) for name in eps}
+        lifetime = ledger.lifetime().epsilon(cfg.privacy.delta)
 
     values = {
         "num-examples": len(train_ds),
         "site": site,
         "lora_r": rt.rank,
+        "a_digest": 0 if rt.scheme.trains_a else a_digest(rt.own_init),
         "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
         # the enforcing accountant's figure, and both accountants' for comparison
         "epsilon": eps[cfg.privacy.accountant],
         "epsilon_rdp": eps["rdp"],
         "epsilon_prv": eps["prv"],
+        "epsilon_lifetime": lifetime,
         "noise_multiplier": noise,
         "sample_rate": rate,
         "steps_total": stats.ledger.steps if stats.ledger else stats.steps,
@@ -93,6 +112,11 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
         "examples_seen": stats.examples_seen,
         "train_seconds": stats.seconds,
     }
+    # the site's own log keeps what the reply does not carry
+    print(f"site {site} round {server_round}: train loss {values['train_loss']:.4f} over {stats.examples_seen} "
+          f"examples in {stats.seconds:.1f}s, epsilon {values['epsilon']:.3f} (lifetime {lifetime:.3f})", flush=True)
+    keys = DP_TRAIN_KEYS if cfg.privacy.enabled else NON_DP_TRAIN_KEYS
+    values = {k: values[k] for k in keys}
     update = adapter_state(rt.peft_model)
     if replay is not None:
         replay.put(digest, update, values)
@@ -100,14 +124,32 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig, progress: bool 
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}), reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+def handle_evaluate(msg: Message, context: Context, cfg: RunConfig | None) -> Message:
+    setup = site_setup(context, cfg)
+    cfg = setup.cfg
+    if not setup.policy.evaluate:
+        raise PolicyError(["evaluate: this site does not release held-out losses (site policy evaluate=false)"])
     site = site_id(context)
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
+    run_key = _run_key(msg, context)
     rt = runtime_for(cfg, site_rank(cfg, context, site))
-    eval_ds = site_data(cfg, context, rt).eval
+    eval_ds = site_data(cfg, context, rt, setup.own_data).eval
+    # one release per round, counted in the ledger before it is made
+    _ledger(setup, context).record_evaluation(run_key, server_round)
     load_global(rt, msg.content["arrays"])
     loss = evaluate_loss(rt.peft_model, eval_ds, cfg.train.eval_batch_size, rt.tokenizer.pad_token_id)
-    metrics = MetricRecord({"num-examples": len(eval_ds), "site": site, "eval_loss": loss})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({"site": site, "eval_loss": loss})}), reply_to=msg)
+
+
+def _run_key(msg: Message, context: Context) -> str:
+    config = msg.content.config_records.get("config", {})
+    return check_run_key(str(config["run-key"])) if "run-key" in config else f"flwr-{context.run_id}"
+
+
+def _ledger(setup: SiteSetup, context: Context) -> SiteLedger:
+    cfg = setup.cfg
+    fingerprint = data_fingerprint(cfg.data, site_id(context), cfg.federation.sites, setup.own_data)
+    return SiteLedger.open(setup.policy.state_dir, fingerprint)
 
 
 class _StepBar:

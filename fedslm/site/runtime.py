@@ -17,11 +17,12 @@ from flwr.app import ArrayRecord, Context
 from fedslm import quiet
 from fedslm.config import ConfigError, RunConfig, from_run_config, validate
 from fedslm.data.canaries import canary_examples, make_canaries, write_audit_file
-from fedslm.data.sites import SiteData, build_site_data, node_data_config
+from fedslm.data.sites import SiteData, build_site_data
 from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state, set_base_delta
 from fedslm.lora.schemes import SCHEMES, Scheme, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.dp_step import wrap_for_dp
+from fedslm.site.policy import SitePolicy
 from fedslm.transport import from_record
 
 
@@ -88,11 +89,11 @@ def load_global(rt: SiteRuntime, arrays: ArrayRecord) -> dict[str, torch.Tensor]
     return start
 
 
-def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime) -> SiteData:
-    """This site's tokenised splits, built once per process. A SuperNode's own data
-    (node config data-path) wins over the run's data config."""
-    data_cfg, own = node_data_config(cfg.data, context.node_config)
+def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool) -> SiteData:
+    """This site's tokenised splits, built once per process. `cfg` is the site's config
+    (fedslm.site.policy): a deployed site's data settings are its own (`own`)."""
     site = site_id(context)
+    data_cfg = cfg.data
     key = (site, repr(data_cfg), own)
     if key not in rt.datasets:
         data = build_site_data(data_cfg, site, cfg.federation.sites, rt.tokenizer, own,
@@ -141,5 +142,28 @@ def site_label(context: Context) -> str:
         return f"node {context.node_id}"
 
 
-def config_for(context: Context, cfg: RunConfig | None) -> RunConfig:
-    return cfg if cfg is not None else validate(from_run_config(context.run_config))
+@dataclass
+class SiteSetup:
+    """What a site works with for one message: its config (the run's, checked against its
+    policy, with its own paths and data), the policy, and whether the data is its own."""
+
+    cfg: RunConfig
+    policy: SitePolicy
+    own_data: bool
+
+
+def site_setup(context: Context, run: RunConfig | None) -> SiteSetup:
+    """`run` is given by a simulation (the Hydra config); a deployed site gets None and
+    reads the coordinator's run config, which its own policy then checks."""
+    if run is None:
+        run = from_run_config(context.run_config)
+        deployed = "partition-id" not in context.node_config  # Flower's simulation engine sets it
+    else:
+        deployed = False
+    if deployed:
+        policy = SitePolicy.from_node_config(context.node_config)
+    else:
+        policy = SitePolicy.for_simulation(run, context.node_config)
+    cfg = policy.site_config(run)
+    validate(cfg)
+    return SiteSetup(cfg, policy, own_data=deployed or bool(policy.data))

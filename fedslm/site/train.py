@@ -19,6 +19,7 @@ from fedslm.data.tokenize import TokenizedDataset, make_collate
 from fedslm.losses import sequence_losses
 from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.privacy.dp_step import DPContext, PrivateStep, clear_grad_samples
+from fedslm.privacy.randomness import DPRandomness
 
 
 @dataclass
@@ -69,9 +70,12 @@ def train_local(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     pull = ProximalPull(params, cfg.lr, proximal_mu) if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # under DP the batches and the noise come from secret randomness (the seed is public);
+    # Opacus's Poisson sampler inherits the loader's generator
+    rng = DPRandomness.secret(test_seed=seed) if dp is not None else None
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_collate(pad_id),
-                        generator=torch.Generator().manual_seed(seed))
-    private = PrivateStep(dp, grad_sample_module, optimizer, loader, seed) if dp is not None else None
+                        generator=rng.sampling if rng else torch.Generator().manual_seed(seed))
+    private = PrivateStep(dp, grad_sample_module, optimizer, loader, rng.noise) if rng else None
     if private is not None:
         optimizer, loader = private.optimizer, private.loader
 

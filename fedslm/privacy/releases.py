@@ -1,0 +1,40 @@
+"""What a site releases to the coordinator, and under which guarantee (threat model, rule 1).
+
+The site's handlers send exactly these keys; privacy.json and the model card list them
+from here, so the disclosure and the replies cannot drift apart.
+"""
+
+from __future__ import annotations
+
+# A private site's train reply, besides the adapter (covered by epsilon). Each is public
+# by construction: the site id and rank are its node config; a_digest fingerprints the
+# frozen A drawn from the public lora.init_seed; the accountant's figures and step counts
+# follow from the public run config and the site's training-set size.
+DP_TRAIN_KEYS = ("site", "lora_r", "a_digest", "epsilon", "epsilon_rdp", "epsilon_prv", "epsilon_lifetime", "noise_multiplier",
+                 "sample_rate", "steps", "steps_total")
+# Without DP nothing is guaranteed, and the diagnostics go back too.
+NON_DP_TRAIN_KEYS = DP_TRAIN_KEYS + ("num-examples", "train_loss", "truncated", "examples_seen", "train_seconds")
+EVAL_KEYS = ("site", "eval_loss")
+
+NOT_COVERED = {
+    "training_set_size": "each site's number of training examples n, through sample_rate = batch_size / n "
+                         "(the noise is calibrated to it, as in Opacus); not covered by epsilon",
+    "held_out_loss": "one mean answer loss on the site's held-out rows per evaluated round (listed per site "
+                     "below); not covered by epsilon. A site's policy may decline (evaluate: false)",
+    "participation": "which sites replied in which round, and when",
+}
+
+
+def released(train_metrics: dict[int, dict[int, dict]], eval_metrics: dict[int, dict[int, dict]], dp: bool) -> dict:
+    """privacy.json's account of every value the sites sent."""
+    evaluations: dict[str, int] = {}
+    for per_site in eval_metrics.values():
+        for site in per_site:
+            evaluations[str(site)] = evaluations.get(str(site), 0) + 1
+    return {
+        "adapter_updates": "covered by the sample-level guarantee" if dp else "no guarantee (DP off)",
+        "train_reply_keys": list(DP_TRAIN_KEYS if dp else NON_DP_TRAIN_KEYS),
+        "eval_reply_keys": list(EVAL_KEYS),
+        "held_out_losses_per_site": dict(sorted(evaluations.items())),
+        "not_covered": NOT_COVERED if dp else {"everything": "DP was off"},
+    }

@@ -225,3 +225,14 @@ def test_cli_stops_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "privacy.epsilon" in proc.stderr and "must be a finite number > 0" in proc.stderr
     assert "base model" not in proc.stdout
+
+
+def test_packing_is_refused_under_dp_with_the_reason(tiny_cfg):
+    """Greedy packing moves every later block when one document is removed: one record
+    would touch many DP samples. Without DP it is allowed."""
+    tiny_cfg.data.shape, tiny_cfg.data.packing = "text", True
+    with pytest.raises(ConfigError, match="data.packing: not allowed with privacy.enabled=true"):
+        validate(tiny_cfg)
+    tiny_cfg.privacy.enabled = False
+    tiny_cfg.lora.dropout = 0.0
+    validate(tiny_cfg)

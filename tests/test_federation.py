@@ -135,3 +135,27 @@ def test_heterogeneous_ranks_end_to_end(tiny_cfg, strategy):
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.vocab_size > 0
+
+
+def test_client_level_epsilon_takes_no_sampling_credit_and_counts_the_replies_averaged():
+    """The coordinator samples sites from a public seed, so no amplification; a round whose
+    mean was over m < k replies had noise multiplier z*m/k. By hand: the RDP of a Gaussian
+    mechanism of multiplier s at order a is a / (2 s^2), summed over rounds, converted to
+    epsilon with Balle et al. (2020) as Opacus does, minimised over the same orders."""
+    import numpy as np
+
+    from fedslm.privacy.accounting import RDP_ALPHAS
+    from fedslm.privacy.client_level import client_level_epsilon
+
+    def by_hand(z: float, k: int, averaged: list[int], delta: float) -> float:
+        a = np.array(RDP_ALPHAS, dtype=float)
+        rdp = sum(a / (2 * (z * m / k) ** 2) for m in averaged)
+        eps = rdp + np.log1p(-1 / a) - (np.log(delta) + np.log(a)) / (a - 1)
+        return float(np.nanmin(eps))
+
+    full = client_level_epsilon(2.0, 4, [4, 4, 4], 1e-5)
+    assert full == pytest.approx(by_hand(2.0, 4, [4, 4, 4], 1e-5), rel=1e-9)
+    short = client_level_epsilon(2.0, 4, [4, 2, 4], 1e-5)
+    assert short == pytest.approx(by_hand(2.0, 4, [4, 2, 4], 1e-5), rel=1e-9) and short > full
+    # sampling 4 of 100 sites earns nothing: the same as if every site took part
+    assert client_level_epsilon(2.0, 4, [4], 1e-5) == pytest.approx(by_hand(2.0, 1, [1], 1e-5), rel=1e-9)

@@ -62,6 +62,15 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg):
     assert (run / "curves.png").stat().st_size > 1000
     privacy = json.loads((run / "privacy.json").read_text())
     assert privacy["level"] == "sample" and set(privacy["epsilon_per_site"]) == {"0", "1", "2"}
+    # what the sites released, exactly: the reply keys, and one held-out loss per site and
+    # evaluation (round 0 and 2 rounds), named outside the guarantee on the model card too
+    released = privacy["released"]
+    assert released["train_reply_keys"] == ["site", "lora_r", "a_digest", "epsilon", "epsilon_rdp", "epsilon_prv",
+                                            "epsilon_lifetime", "noise_multiplier", "sample_rate", "steps", "steps_total"]
+    assert released["held_out_losses_per_site"] == {"0": 3, "1": 3, "2": 3}
+    card = (run / "model" / "README.md").read_text()
+    assert "Held-out losses released per site: {'0': 3, '1': 3, '2': 3}" in card and "against the coordinator" in card
+    assert not any("train_loss" in r and r["train_loss"] is not None for r in rows)  # stays at the site
 
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.eos_token_id == model.config.pad_token_id

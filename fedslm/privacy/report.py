@@ -99,10 +99,13 @@ def guarantee_text(privacy: dict) -> tuple[str, str]:
             "users of this model (not against the coordinator, which added the noise), with no credit "
             "taken for the sampling of sites."
         )
-    not_covered = (privacy.get("released") or {}).get("not_covered")
-    if level.startswith("sample") and not_covered:
-        scope += ("\n\nReleased by the sites outside this guarantee: "
-                  + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in not_covered.items()) + ".")
+    released = privacy.get("released") or {}
+    if level.startswith("sample") and released.get("not_covered"):
+        scope += ("\n\nThe guarantee holds against the coordinator too: each site drew its noise and "
+                  "batches from its own OS entropy and enforced its own policy and lifetime budget. Released "
+                  "by the sites outside it: "
+                  + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in released["not_covered"].items())
+                  + f". Held-out losses released per site: {released.get('held_out_losses_per_site', {})}.")
     return guarantee, scope
 
 

@@ -60,10 +60,13 @@ class Console(Writer):
             + (f"  aggregation error {rl.aggregation_error:.2e}" if rl.aggregation_error is not None else "")
         )
         for row in rows:
+            # a private site does not release its training loss or timing (fedslm.privacy.releases)
             self.echo(
-                f"    site {row['site']}: train loss {_fmt(row['train_loss'])}  held-out loss {_fmt(row['eval_loss'])}"
+                f"    site {row['site']}:"
+                + (f" train loss {_fmt(row['train_loss'])} " if row["train_loss"] is not None else "")
+                + f" held-out loss {_fmt(row['eval_loss'])}"
                 f"  epsilon {_fmt(row['epsilon'], 2)} (RDP {_fmt(row['epsilon_rdp'], 2)}, PRV {_fmt(row['epsilon_prv'], 2)})"
-                f"  ({_fmt(row['train_seconds'], 1)}s train)"
+                + (f"  ({_fmt(row['train_seconds'], 1)}s train)" if row["train_seconds"] is not None else "")
             )
 
 

@@ -10,7 +10,11 @@ from pathlib import Path
 def _certs(args: argparse.Namespace) -> int:
     from fedslm.deploy.certs import PRODUCTION_NOTE, make_certs
 
-    paths = make_certs(args.out_dir, args.host, args.sites)
+    try:
+        paths = make_certs(args.out_dir, args.host, args.sites, overwrite=args.force)
+    except FileExistsError as err:
+        print(f"fedslm certs: {err}", file=sys.stderr)
+        return 2
     print(f"CA certificate (each site's --root-certificates): {paths.ca_cert}")
     print(f"SuperLink certificate and key (--ssl-certfile, --ssl-keyfile), for {', '.join(args.host)}: "
           f"{paths.server_cert}, {paths.server_key}")
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--host", action="append", default=None,
                    help="the SuperLink's address as the sites dial it (IP or DNS name; repeat for more)")
     k.add_argument("--sites", type=int, default=2, help="node-authentication key pairs to create")
+    k.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     k.set_defaults(func=_certs)
 
     t = sub.add_parser("app-config", help="check (or --write) pyproject's Flower run config against conf/")

@@ -75,6 +75,36 @@ def test_certs_are_what_flower_loads(tmp_path, capsys):
     assert not (tmp_path / "site-3").exists()
 
 
+def test_private_keys_are_owner_only_from_the_first_byte_and_never_replaced(tmp_path, capsys, monkeypatch):
+    """A world-readable umask must not matter: the key file is created 0600 (no write-then-
+    chmod window); a second `fedslm certs` into the same directory refuses; --force replaces."""
+    import os
+
+    created = {}
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *a, **k):
+        fd = real_open(path, flags, mode, *a, **k)
+        created[str(path)] = os.fstat(fd).st_mode & 0o777  # the mode the file was born with
+        return fd
+
+    old_umask = os.umask(0o000)
+    monkeypatch.setattr(os, "open", spy)
+    try:
+        assert cli(["certs", str(tmp_path), "--sites", "1"]) == 0
+    finally:
+        os.umask(old_umask)
+        monkeypatch.undo()
+    assert created[str(tmp_path / "server.key")] == 0o600 and created[str(tmp_path / "site-0")] == 0o600
+    assert created[str(tmp_path / "ca.crt")] == 0o644
+    before = (tmp_path / "site-0").read_bytes()
+    capsys.readouterr()
+    assert cli(["certs", str(tmp_path), "--sites", "1"]) == 2
+    assert "already exist" in capsys.readouterr().err and (tmp_path / "site-0").read_bytes() == before
+    assert cli(["certs", str(tmp_path), "--sites", "1", "--force"]) == 0
+    assert (tmp_path / "site-0").read_bytes() != before and (tmp_path / "site-0").stat().st_mode & 0o077 == 0
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_server_cert_verifies_for_its_host_only(tmp_path):
     import subprocess

@@ -16,6 +16,7 @@ from fedslm.config.pyproject import pyproject_table
 from fedslm.config import ModelConfig
 from fedslm.deploy.loopback import Loopback, run_config_string, wait_for
 from fedslm.model import resolve_model_dir
+from fedslm.server.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.deployment
 
@@ -82,10 +83,11 @@ def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
     wait_for(lambda: "round 0 (base model)" in run.text(), 240, "round 0", run)
     fed.nodes[1].kill()
     # the coordinator dies as soon as round 1 is saved
-    wait_for(lambda: (out / "checkpoint" / "state.json").exists(), 240, "the round-1 checkpoint", run)
+    wait_for(lambda: (out / "checkpoint" / "latest").exists(), 240, "the round-1 checkpoint", run)
     fed.link.kill()
-    saved = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert saved["round"] == 1 and list(saved["parts"]["record"]["log"]["1"]["train"]) == ["0"]
+    ckpt = Checkpoint.load(out)
+    saved = {"round": ckpt.server_round, "run_key": ckpt.run_key}
+    assert saved["round"] == 1 and list(ckpt.parts["record"]["log"]["1"]["train"]) == ["0"]
     wait_for(lambda: not run.alive(), 60, "flwr run to notice")
 
     # restart: same database (registered keys), site 1 rejoins, the run resumes from round 1

@@ -159,3 +159,59 @@ def test_client_level_epsilon_takes_no_sampling_credit_and_counts_the_replies_av
     assert short == pytest.approx(by_hand(2.0, 4, [4, 2, 4], 1e-5), rel=1e-9) and short > full
     # sampling 4 of 100 sites earns nothing: the same as if every site took part
     assert client_level_epsilon(2.0, 4, [4], 1e-5) == pytest.approx(by_hand(2.0, 1, [1], 1e-5), rel=1e-9)
+
+
+def test_with_client_level_dp_a_refusing_site_does_not_stall_the_run(tiny_cfg, tmp_path):
+    """Flower's DP wrapper skips a round with any error reply; fedslm takes error replies out
+    first, so the others are aggregated every round, the refusal is recorded, and the
+    round's epsilon is accounted over the two replies actually averaged (z * 2/3)."""
+    from fedslm.privacy.client_level import client_level_epsilon
+
+    rows = [{"question": f"q{i}?", "answer": f"a{i}.", "source": s} for s, n in (("A", 30), ("B", 30), ("C", 3))
+            for i in range(n)]
+    cfg = _file_cfg(tiny_cfg, _jsonl(tmp_path / "sites.jsonl", rows), sites=3)
+    cfg.federation.min_sites = 2
+    cfg.privacy.client_level = True
+    cfg.privacy.client_noise_multiplier = 2.0
+    summary = run_in_process(cfg)
+    assert summary["rounds"] == 2
+    rejected = [r for per_round in summary["rejected"].values() for r in per_round]
+    assert len(rejected) == 2 and all("site 2" in r and "DataError" in r for r in rejected)
+    run = Path(cfg.output_dir)
+    r1, r2 = (load_file(str(run / "adapters" / f"round_00{i}.safetensors")) for i in (1, 2))
+    assert any(not torch.equal(r1[k], r2[k]) for k in r1 if ".lora_B." in k)  # round 2 was aggregated too
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["client_level"]["replies_averaged_per_round"] == [2, 2]
+    assert privacy["client_level"]["epsilon"] == pytest.approx(client_level_epsilon(2.0, 3, [2, 2], cfg.privacy.delta))
+    assert privacy["client_level"]["epsilon"] > client_level_epsilon(2.0, 3, [3, 3], cfg.privacy.delta)
+
+
+def test_a_site_with_a_spent_budget_is_marked_exhausted_behind_the_dp_wrapper(tiny_cfg, tmp_path, flower_identity):
+    from flwr.app import Error, Message, RecordDict
+
+    from fedslm.server.strategy import SiteErrorsFirst
+
+    class Wrapper:
+        def __init__(self):
+            self.seen = None
+
+        def aggregate_train(self, server_round, replies):
+            self.seen = list(replies)
+            return "aggregated", None
+
+    class Core:
+        min_train_nodes = 1
+        exhausted: set = set()
+
+        def site_error(self, server_round, msg):
+            if msg.error.reason.startswith("BudgetExceededError"):
+                self.exhausted.add(msg.metadata.src_node_id)
+
+    def reply(node: int, error: str | None = None) -> Message:
+        request = Message(RecordDict(), dst_node_id=node, message_type="train")
+        return Message(Error(code=1000, reason=error), reply_to=request) if error else Message(RecordDict(), reply_to=request)
+
+    wrapper, core = Wrapper(), Core()
+    out = SiteErrorsFirst(wrapper, core).aggregate_train(3, [reply(1), reply(2, "BudgetExceededError: spent"), reply(3)])
+    assert out == ("aggregated", None) and core.exhausted == {2}
+    assert [m.metadata.src_node_id for m in wrapper.seen] == [1, 3]

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedslm.rundir import save_tensors
 from fedslm.server import checkpoint as resume
 from fedslm.config import ConfigError, validate
 from inprocess import run_in_process
@@ -55,7 +54,7 @@ def test_resume_after_a_coordinator_crash_matches_an_uninterrupted_run(tiny_cfg,
         run_in_process(crashed)
     monkeypatch.setattr(resume, "save", save)
     run = Path(crashed.output_dir)
-    assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == 1
+    assert resume.Checkpoint.load(run).server_round == 1
     assert not (run / "adapters" / "round_002.safetensors").exists()
 
     capsys.readouterr()
@@ -82,10 +81,7 @@ def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tiny_cfg, tmp_
     with pytest.raises(FileNotFoundError, match="no round of this run was saved"):
         _checkpoint_to_resume(cfg, Path(cfg.output_dir))
 
-    ck = Path(cfg.output_dir) / "checkpoint"
-    ck.mkdir(parents=True)
-    save_tensors(ck / "global.safetensors", {"x": torch.zeros(2)})
-    (ck / "state.json").write_text(json.dumps({"round": 1, "run_key": "k", "parts": {}}))
+    resume.save(Path(cfg.output_dir), 1, "k", {"x": torch.zeros(2)}, {})
     from fedslm.config import to_run_config
 
     saved = to_run_config(cfg)
@@ -143,3 +139,40 @@ def test_optimizer_state_round_trips_through_the_checkpoint_files(tmp_path):
     assert np.array_equal(fresh_opt.current_arrays["a"].numpy(), np.arange(3, dtype=np.float32))
     assert np.array_equal(fresh_opt.momentum_vector[0], np.full(2, 0.5))
     assert fresh_dp.clipping_norm == 0.25
+
+
+class _Part:
+    def __init__(self, value: float):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"m": torch.full((3,), self.value)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["m"][0])
+
+
+def test_a_crash_while_saving_leaves_the_previous_round_whole(tmp_path, monkeypatch):
+    """Round 2's arrays written and its state not: the old layout paired them; now
+    `latest` still names round 1, whose arrays and state belong together."""
+    resume.save(tmp_path, 1, "k", {"g": torch.ones(2)}, {"opt": _Part(1.0)})
+    real = resume.save_file
+
+    def die_on_state(tensors, path, *a, **k):
+        if path.endswith("state.safetensors"):
+            raise OSError("disk full")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(resume, "save_file", die_on_state)
+    with pytest.raises(OSError, match="disk full"):
+        resume.save(tmp_path, 2, "k", {"g": torch.full((2,), 2.0)}, {"opt": _Part(2.0)})
+    monkeypatch.setattr(resume, "save_file", real)
+    ck = resume.Checkpoint.load(tmp_path)
+    part = _Part(0.0)
+    arrays = ck.restore({"opt": part})
+    assert ck.server_round == 1 and part.value == 1.0 and float(arrays["g"].numpy()[0]) == 1.0
+    # the next complete save moves the pointer; older rounds than the one before are dropped
+    resume.save(tmp_path, 2, "k", {"g": torch.full((2,), 2.0)}, {"opt": _Part(2.0)})
+    resume.save(tmp_path, 3, "k", {"g": torch.full((2,), 3.0)}, {"opt": _Part(3.0)})
+    assert resume.Checkpoint.load(tmp_path).server_round == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("round-*")) == ["round-0002", "round-0003"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,17 +52,33 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+def _write(path: Path, data: bytes, private: bool = False, overwrite: bool = False) -> Path:
+    """Create `path` with owner-only permissions from the first byte when `private` (not
+    chmod after a write under the umask, which leaves a window where others can read the
+    key). An existing file is never silently replaced."""
+    if overwrite:
+        path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     return path
 
 
-def make_certs(out_dir: Path | str, hosts: list[str], sites: int, days: int = 365) -> CertPaths:
-    """Write ca.crt, server.pem, server.key and site-N(.pub) under out_dir."""
+def _refuse_existing(paths: list[Path]) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} already exist; keys are never replaced silently "
+                              "(pass --force to make new ones, and re-register the sites' public keys)")
+
+
+def make_certs(out_dir: Path | str, hosts: list[str], sites: int, days: int = 365, overwrite: bool = False) -> CertPaths:
+    """Write ca.crt, server.pem, server.key and site-N(.pub) under out_dir; refuses to
+    replace any of them unless `overwrite`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    names = ["ca.crt", "server.pem", "server.key"] + [f"site-{i}{ext}" for i in range(sites) for ext in ("", ".pub")]
+    if not overwrite:
+        _refuse_existing([out / n for n in names])
     now = dt.datetime.now(dt.timezone.utc)
     # a minute of slack: a site whose clock runs slightly behind still accepts the cert
     start, end = now - dt.timedelta(minutes=1), now + dt.timedelta(days=days)
@@ -91,23 +108,26 @@ def make_certs(out_dir: Path | str, hosts: list[str], sites: int, days: int = 36
     )
     pem = serialization.Encoding.PEM
     paths = CertPaths(
-        ca_cert=_write(out / "ca.crt", ca_cert.public_bytes(pem)),
-        server_cert=_write(out / "server.pem", server_cert.public_bytes(pem)),
+        ca_cert=_write(out / "ca.crt", ca_cert.public_bytes(pem), overwrite=overwrite),
+        server_cert=_write(out / "server.pem", server_cert.public_bytes(pem), overwrite=overwrite),
         server_key=_write(out / "server.key", server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True),
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True, overwrite=overwrite),
         site_keys=[],
     )
     for site in range(sites):
-        paths.site_keys.append(make_node_keys(out, f"site-{site}"))
+        paths.site_keys.append(make_node_keys(out, f"site-{site}", overwrite=overwrite))
     return paths
 
 
-def make_node_keys(out_dir: Path | str, name: str) -> tuple[Path, Path]:
+def make_node_keys(out_dir: Path | str, name: str, overwrite: bool = False) -> tuple[Path, Path]:
     """An EC key pair in the OpenSSH format that flower-supernode
     (--auth-supernode-private-key) and `flwr supernode register` read."""
     out = Path(out_dir)
+    if not overwrite:
+        _refuse_existing([out / name, out / f"{name}.pub"])
     key = ec.generate_private_key(NODE_CURVE)
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return _write(out / name, private, private=True), _write(out / f"{name}.pub", public + b"\n")
+    return (_write(out / name, private, private=True, overwrite=overwrite),
+            _write(out / f"{name}.pub", public + b"\n", overwrite=overwrite))

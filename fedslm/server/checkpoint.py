@@ -6,11 +6,15 @@ strategy is driven through `ResumableRounds`, which adds the number of rounds al
 to every round number (the sites' seeds, the sampling draw and FedAdam's bias correction
 all depend on it) and, after each round's evaluation, writes run_dir/checkpoint/:
 
-  global.safetensors     the global arrays exactly as the strategy holds them
-  state.safetensors      every tensor of the saved parts' states (server optimiser state)
-  state.json             round number, run key, and each part's state with its tensors
-                         replaced by references into state.safetensors; written last, so
-                         it always names a complete round
+  round-NNNN/global.safetensors   the global arrays exactly as the strategy holds them
+  round-NNNN/state.safetensors    every tensor of the saved parts' states (optimiser state)
+  round-NNNN/state.json           round number, run key, and each part's state with its
+                                  tensors replaced by references into state.safetensors
+  latest                          the name of the newest complete round directory
+
+A round is written whole into a temporary directory, fsync'ed, renamed into place, and
+only then does `latest` (replaced atomically, fsync'ed) point at it: a crash at any moment
+leaves `latest` naming a complete round, never round N+1's arrays with round N's state.
 
 The parts are whatever has state across rounds, each with `state_dict()` /
 `load_state_dict()` (the strategy, a client-level DP wrapper, the run record): this module
@@ -23,6 +27,8 @@ continues the same ledgers and a site's epsilon counts every round it ever train
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,10 +39,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedslm.atomic import write_atomic
-from fedslm.rundir import save_tensors
 
 _TENSOR = "__tensor__"  # marks a tensor's place in state.json
 
@@ -65,12 +70,7 @@ class Checkpoint:
 
     @classmethod
     def load(cls, run_dir: Path | str) -> Checkpoint:
-        d = checkpoint_dir(run_dir)
-        if not (d / "state.json").is_file():
-            raise FileNotFoundError(
-                f"resume=true but {d / 'state.json'} does not exist: no round of this run was saved. "
-                "Point output_dir at the directory of the run to continue, or start it fresh with resume=false"
-            )
+        d = latest_round_dir(run_dir)
         state = json.loads((d / "state.json").read_text())
         tensors = load_file(str(d / "state.safetensors")) if (d / "state.safetensors").exists() else {}
         return cls(int(state["round"]), state["run_key"], load_file(str(d / "global.safetensors")),
@@ -85,16 +85,54 @@ class Checkpoint:
         return ArrayRecord({k: Array(v.numpy()) for k, v in self.arrays.items()})
 
 
+def latest_round_dir(run_dir: Path | str) -> Path:
+    """The newest complete checkpoint of a run, as `latest` names it."""
+    root = checkpoint_dir(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        raise FileNotFoundError(
+            f"resume=true but {pointer} does not exist: no round of this run was saved. "
+            "Point output_dir at the directory of the run to continue, or start it fresh with resume=false"
+        )
+    d = root / pointer.read_text().strip()
+    if not (d / "state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {d}, which holds no complete checkpoint; restore it from a backup")
+    return d
+
+
 def save(run_dir: Path, server_round: int, run_key: str, arrays: dict[str, torch.Tensor],
          parts: dict[str, Saveable]) -> None:
-    d = checkpoint_dir(run_dir)
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     states = {name: _split(part.state_dict(), name, tensors) for name, part in parts.items()}
-    # tensors first, state.json last: state.json names a complete round
-    save_tensors(d / "global.safetensors", arrays)
-    save_tensors(d / "state.safetensors", tensors)
-    write_atomic(d / "state.json", json.dumps({"round": server_round, "run_key": run_key, "parts": states},
-                                              default=float))
+    name = f"round-{server_round:04d}"
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in arrays.items()}, str(tmp / "global.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"round": server_round, "run_key": run_key, "parts": states},
+                                               default=float))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)  # a round redone after a crash replaces its own leftovers
+    tmp.rename(final)
+    _fsync(root)
+    write_atomic(root / "latest", name, durable=True)
+    for old in root.glob("round-*"):  # keep this round and the one before it
+        if old.name < f"round-{server_round - 1:04d}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _split(value, path: str, tensors: dict[str, torch.Tensor]):

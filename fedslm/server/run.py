@@ -27,7 +27,7 @@ from fedslm.privacy.report import privacy_report
 from fedslm.server.checkpoint import Checkpoint, ResumableRounds, new_run_key
 from fedslm.server.evaluation import server_evaluate_fn
 from fedslm.server.record import RunRecorder
-from fedslm.server.strategy import LoraStrategy, WrapperState, describe_strategy, strategy_for
+from fedslm.server.strategy import LoraStrategy, SiteErrorsFirst, WrapperState, describe_strategy, strategy_for
 from fedslm.transport import from_record, to_record
 from fedslm.use.export import export_merged
 
@@ -86,7 +86,8 @@ def setup(cfg: RunConfig, echo=print) -> ServerRun:
     recorder = RunRecorder(run_dir, fed.rounds, meta={"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r)},
                            echo=echo)
     core = strategy_for(cfg, scheme, recorder, per_round, min_sites)
-    strategy = with_client_level_dp(core, cfg, per_round)
+    wrapped = with_client_level_dp(core, cfg, per_round)
+    strategy = core if wrapped is core else SiteErrorsFirst(wrapped, core)
     run = ServerRun(cfg, run_dir, model_dir, scheme, recorder, core, strategy,
                     run_key=ckpt.run_key if ckpt else new_run_key(),  # names the sites' privacy ledgers
                     done=ckpt.server_round if ckpt else 0,
@@ -109,8 +110,8 @@ def setup(cfg: RunConfig, echo=print) -> ServerRun:
 def checkpoint_parts(run: ServerRun) -> dict:
     """Everything with state across rounds, as the checkpoint saves and restores it."""
     parts = {"strategy": run.core, "record": run.recorder}
-    if run.strategy is not run.core:
-        parts["client_dp"] = WrapperState(run.strategy)
+    if isinstance(run.strategy, SiteErrorsFirst):
+        parts["client_dp"] = WrapperState(run.strategy.wrapper)
     return parts
 
 

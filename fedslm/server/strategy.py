@@ -19,7 +19,7 @@ import torch
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedslm.config import RunConfig, StrategyConfig
@@ -93,9 +93,7 @@ class LoraStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                if msg.error.reason.startswith("BudgetExceededError"):
-                    self.exhausted.add(node)
-                self.recorder.rejected(server_round, node, f"site error: {msg.error.reason}")
+                self.site_error(server_round, msg)
                 continue
             problem = reply_problem(msg.content, self.scheme, self.setup.global_rank,
                                     needs_weight=not self.setup.uniform_weights)
@@ -144,6 +142,13 @@ class LoraStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn([_weighted(m.content, u.weight) for m, u in updates], "weight")
         return to_record(new), metrics
 
+    def site_error(self, server_round: int, msg: Message) -> None:
+        """A site refused or failed: record why; a spent budget takes it out of training."""
+        node = msg.metadata.src_node_id
+        if msg.error.reason.startswith("BudgetExceededError"):
+            self.exhausted.add(node)
+        self.recorder.rejected(server_round, node, f"site error: {msg.error.reason}")
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if server_round == 0:
             self.recorder.round_started(0)
@@ -181,6 +186,43 @@ class LoraStrategy(FedAvg):
         self.errors = {int(k): v for k, v in state["errors"].items()}
         self.last_norm = state.get("last_norm")
         load_flower_state(self, state["flower"])
+
+
+class SiteErrorsFirst(Strategy):
+    """Flower's client-level DP wrappers skip the whole round when any reply is an error,
+    so a site that refuses (say, its budget is spent) would never reach fedslm's strategy,
+    never be marked exhausted, and stall every later round. Error replies are taken out
+    here and handed to fedslm's strategy; the wrapper clips and noises the rest. (A mean
+    over fewer replies than the wrapper calibrated for is accounted at the noise it really
+    had: fedslm.privacy.client_level.)"""
+
+    def __init__(self, wrapper: Strategy, core: LoraStrategy):
+        self.wrapper, self.core = wrapper, core
+
+    def summary(self) -> None:
+        self.wrapper.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.wrapper.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                self.core.site_error(server_round, msg)
+            else:
+                valid.append(msg)
+        if len(valid) < max(1, self.core.min_train_nodes):
+            self.core.recorder.note(server_round, f"only {len(valid)} valid replies (< min {self.core.min_train_nodes}); "
+                                                  "global adapter unchanged this round")
+            return None, None
+        return self.wrapper.aggregate_train(server_round, valid)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.wrapper.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.wrapper.aggregate_evaluate(server_round, replies)
 
 
 def _weighted(content: RecordDict, weight: float) -> RecordDict:

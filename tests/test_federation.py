@@ -215,3 +215,24 @@ def test_a_site_with_a_spent_budget_is_marked_exhausted_behind_the_dp_wrapper(ti
     out = SiteErrorsFirst(wrapper, core).aggregate_train(3, [reply(1), reply(2, "BudgetExceededError: spent"), reply(3)])
     assert out == ("aggregated", None) and core.exhausted == {2}
     assert [m.metadata.src_node_id for m in wrapper.seen] == [1, 3]
+
+
+def test_a_site_lost_for_good_does_not_stall_the_run_with_the_default_min_sites(tiny_cfg, capsys):
+    """min_sites=0 waits for every site; one never connects. Each round waits at most
+    federation.timeout_s for it, goes on with the others, and (fewer than min_sites valid
+    replies) keeps the global adapter: the run ends instead of waiting forever."""
+    import time
+
+    from inprocess import FIRST_NODE_ID, InProcessGrid
+
+    tiny_cfg.federation.sites, tiny_cfg.federation.min_sites = 3, 0
+    tiny_cfg.federation.timeout_s = 1.0
+    grid = InProcessGrid(tiny_cfg)
+    grid.offline = {FIRST_NODE_ID}  # site 0
+    started = time.monotonic()
+    summary = run_in_process(tiny_cfg, echo=print, grid=grid)
+    assert summary["rounds"] == 2 and time.monotonic() - started < 120
+    out = capsys.readouterr().out
+    assert out.count("2 of the 3 sites waited for are online after 1s") >= 2
+    assert "only 2 valid replies (< min 3); global adapter unchanged" in out
+    assert {node for _, node in grid.delivered} == {FIRST_NODE_ID + 17, FIRST_NODE_ID + 34}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -20,7 +21,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedslm.config import RunConfig, StrategyConfig
 from fedslm.lora.algebra import distance, relative_error, weighted_sum
@@ -64,11 +64,24 @@ class LoraStrategy(FedAvg):
         return to_record(from_record(arrays), self.setup.transport_dtype)
 
     # --- which sites train ----------------------------------------------------------
+    def online_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """The nodes online now, after waiting at most federation.timeout_s for
+        min_available_nodes of them (Flower's sampling waits forever, so one site lost for
+        good would stall the run); with fewer, the round goes on with those online and
+        aggregates only if min_sites valid replies come back."""
+        deadline = time.monotonic() + self.setup.wait_s
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if len(nodes) < self.min_available_nodes:
+            self.recorder.note(server_round, f"{len(nodes)} of the {self.min_available_nodes} sites waited for are "
+                                             f"online after {self.setup.wait_s:g}s (federation.timeout_s); going on "
+                                             "with those")
+        return nodes
+
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """The round's sites: drawn with a generator seeded by (seed, round) over the sites
         sorted by site id (node ids differ between runs; site ids do not)."""
-        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough nodes
-        nodes = [n for n in nodes if n not in self.exhausted]
+        nodes = [n for n in self.online_nodes(server_round, grid) if n not in self.exhausted]
         site_of = self.recorder.node_site
         order = sorted(nodes, key=lambda n: (site_of.get(n, math.inf), n))
         want = self.setup.per_round or max(1, int(len(order) * self.fraction_train))
@@ -156,8 +169,15 @@ class LoraStrategy(FedAvg):
             # the round's final global adapter: after any server optimiser or DP wrapper
             rank, alpha, tensors = self.scheme.peft_view(from_record(arrays))
             self.recorder.global_adapter(server_round, tensors, {"rank": str(rank), "alpha": str(alpha)})
+        if self.fraction_evaluate == 0.0:
+            return []
         down = self._downlink(arrays)
-        messages = list(super().configure_evaluate(server_round, down, config, grid))
+        nodes = self.online_nodes(server_round, grid)
+        want = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
+        chosen = sorted(random.Random(self.setup.seed * 100_019 + server_round).sample(nodes, min(want, len(nodes))))
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": down, "config": config})
+        messages = list(self._construct_messages(record, chosen, "evaluate"))
         self.recorder.add_bytes_down(server_round, record_bytes(down) * len(messages))
         return messages
 
@@ -290,7 +310,7 @@ class LoraSetup:
     """What LoraStrategy needs beyond FedAvg's arguments."""
 
     def __init__(self, scheme: Scheme, recorder: RunRecorder, st: StrategyConfig, *, transport_dtype: str = "float32",
-                 uniform_weights: bool = False, per_round: int = 0, seed: int = 0):
+                 uniform_weights: bool = False, per_round: int = 0, seed: int = 0, wait_s: float = 60.0):
         self.scheme = scheme
         self.recorder = recorder
         self.rule = st.aggregator
@@ -303,6 +323,7 @@ class LoraSetup:
         self.uniform_weights = uniform_weights
         self.per_round = per_round
         self.seed = seed
+        self.wait_s = wait_s  # how long a round waits for the sites it needs (federation.timeout_s)
 
     @property
     def global_rank(self) -> int:
@@ -320,7 +341,8 @@ def build_strategy(setup: LoraSetup, st: StrategyConfig, **fedavg_kwargs) -> Lor
 
 def strategy_for(cfg: RunConfig, scheme: Scheme, recorder: RunRecorder, per_round: int, min_sites: int) -> LoraStrategy:
     setup = LoraSetup(scheme, recorder, cfg.strategy, transport_dtype=cfg.federation.transport_dtype,
-                      uniform_weights=cfg.privacy.enabled or cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed)
+                      uniform_weights=cfg.privacy.enabled or cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed,
+                      wait_s=cfg.federation.timeout_s)
     return build_strategy(
         setup, cfg.strategy,
         fraction_train=cfg.federation.fraction_train,

@@ -30,12 +30,21 @@ from fedslm.transport import from_record
 class SiteRuntime:
     peft_model: torch.nn.Module
     tokenizer: object
-    grad_sample_module: torch.nn.Module | None
+    privacy: object  # the PrivacyConfig the runtime was built for
     scheme: Scheme
     rank: int
     own_init: dict[str, torch.Tensor]  # this adapter's A and B as first built from the seed
     base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # stack: pristine W0
     datasets: dict = field(default_factory=dict)
+    _dp_module: torch.nn.Module | None = None
+
+    @property
+    def grad_sample_module(self) -> torch.nn.Module | None:
+        """The Opacus wrapper, built when a private round first needs it: an evaluate
+        message (a fresh process in deployment) never imports Opacus."""
+        if self._dp_module is None and self.privacy.enabled:
+            self._dp_module = wrap_for_dp(self.peft_model, self.privacy)
+        return self._dp_module
 
 
 _RUNTIMES: dict[tuple, SiteRuntime] = {}
@@ -72,8 +81,7 @@ def runtime_for(cfg: RunConfig, rank: int | None = None) -> SiteRuntime:
         own_init = adapter_state(peft_model, trainable_only=False)
         # the site-side scheme only needs layer names, shapes and the global rank
         scheme = make_scheme(cfg.strategy.name, own_init, cfg.lora.r, cfg.lora.alpha)
-        gsm = wrap_for_dp(peft_model, cfg.privacy) if cfg.privacy.enabled else None
-        _RUNTIMES[key] = SiteRuntime(peft_model, tok, gsm, scheme, rank, own_init)
+        _RUNTIMES[key] = SiteRuntime(peft_model, tok, cfg.privacy, scheme, rank, own_init)
     return _RUNTIMES[key]
 
 

@@ -87,6 +87,19 @@ def _ledger(args: argparse.Namespace) -> int:
     return _user_errors("ledger", show, (FileNotFoundError, LedgerError))
 
 
+def _forget(args: argparse.Namespace) -> int:
+    from fedslm.site.policy import DATA_CACHE, forget
+
+    state = Path(args.state_dir)
+    if not state.is_dir():
+        print(f"fedslm forget: {state} is not a directory (a site's state-dir)", file=sys.stderr)
+        return 2
+    removed = forget(state)
+    print(f"removed {len(removed)} cached file(s) of the site's data from {state / DATA_CACHE}; "
+          "the privacy ledgers are kept")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from fedslm.privacy.audit import audit
 
@@ -172,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     led.add_argument("state_dir")
     led.add_argument("--delta", type=float, default=1e-5)
     led.set_defaults(func=_ledger)
+
+    fg = sub.add_parser("forget", help="remove every cached copy of a site's data from its state dir (ledgers stay)")
+    fg.add_argument("state_dir")
+    fg.set_defaults(func=_forget)
 
     e = sub.add_parser("export", help="merge a run's global adapter into its base model (a standalone HF directory)")
     e.add_argument("run_dir")

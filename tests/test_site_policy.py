@@ -176,3 +176,23 @@ def test_error_replies_carry_no_data_values(tiny_cfg, site, flower_identity, tmp
 def _call(msg, ctx):
     """The ClientApp's train handler as Flower calls it: site errors become error replies."""
     return _errors_as_replies(lambda m, c: handle_train(m, c, None, progress=False))(msg, ctx)
+
+
+def test_a_deployed_sites_cached_data_stays_in_its_state_dir_owner_only_and_can_be_forgotten(
+        tiny_cfg, site, flower_identity, capsys):
+    import os
+    import stat
+
+    from fedslm.cli import main as cli
+
+    handle_train(_message(tiny_cfg), _deployed(tiny_cfg, site), None, progress=False)
+    state = Path(site["state-dir"])
+    cache = state / "datasets"
+    arrow = [p for p in cache.rglob("*.arrow")]
+    assert arrow  # the Arrow copy of the site's rows (and its maps) live here
+    for d in (state, cache):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    ledgers = list(state.glob("ledger-*.json"))
+    assert cli(["forget", str(state)]) == 0
+    assert "the privacy ledgers are kept" in capsys.readouterr().out
+    assert not cache.exists() and list(state.glob("ledger-*.json")) == ledgers

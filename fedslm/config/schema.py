@@ -62,6 +62,9 @@ class DataConfig:
     path: Optional[str] = None
     # Overrides the guess from the extension: jsonl, json, csv, parquet, arrow, or a builder name.
     format: Optional[str] = None
+    # Where `datasets` keeps its Arrow and tokenised copies of the data. None = its default
+    # cache; a deployed site always uses <state-dir>/datasets, owner-only (its site policy).
+    cache_dir: Optional[str] = None
     # Record shape: instruction (prompt -> answer), chat (messages), text (causal LM on the
     # whole text), classification (text -> label name).
     shape: str = "instruction"

@@ -61,8 +61,8 @@ def system_prompt_for(cfg: DataConfig) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _table(path: str | None, fmt: str | None) -> datasets.Dataset:
-    return load_table(path, fmt)
+def _table(path: str | None, fmt: str | None, cache_dir: str | None = None) -> datasets.Dataset:
+    return load_table(path, fmt, cache_dir)
 
 
 def partition(table: datasets.Dataset, cfg: DataConfig, num_sites: int, site: int) -> tuple[datasets.Dataset, str | None]:
@@ -121,14 +121,14 @@ def site_rows(cfg: DataConfig, site: int, num_sites: int, own_data: bool = False
         train, held = clinic.site_splits(site, cfg.train_examples, cfg.eval_examples, cfg.seed)
         return SiteRows(site, clinic.site_profile(site).name, datasets.Dataset.from_list(train), datasets.Dataset.from_list(held))
     where = "site data" if own_data else f"data.path ({cfg.path})"
-    table = _table(cfg.path, cfg.format)
+    table = _table(cfg.path, cfg.format, cfg.cache_dir)
     check_columns(table, cfg, where)
     if own_data:
         rows, natural = table, None
     else:
         rows, natural = partition(table, cfg, num_sites, site)
     if cfg.eval_path:
-        eval_table = _table(cfg.eval_path, cfg.format)
+        eval_table = _table(cfg.eval_path, cfg.format, cfg.cache_dir)
         check_columns(eval_table, cfg, f"data.eval_path ({cfg.eval_path})")
         if own_data:
             held = eval_table

@@ -38,8 +38,11 @@ def guess_format(path: Path) -> str:
     return fmt
 
 
-def load_table(path: str | None, fmt: str | None = None) -> datasets.Dataset:
-    """One `datasets.Dataset` from a file, a save_to_disk directory or an offline builder."""
+def load_table(path: str | None, fmt: str | None = None, cache_dir: str | None = None) -> datasets.Dataset:
+    """One `datasets.Dataset` from a file, a save_to_disk directory or an offline builder.
+    With `cache_dir`, its Arrow copy (and every map over it) lives there, owner-only."""
+    if cache_dir:
+        private_dir(Path(cache_dir))
     if fmt and fmt not in FILE_FORMATS:
         return _from_builder(fmt, path)
     if not path:
@@ -56,11 +59,11 @@ def load_table(path: str | None, fmt: str | None = None) -> datasets.Dataset:
                     raise DataError(f"{p} holds splits {list(ds)}; save the training split as 'train'")
                 ds = ds["train"]
         elif fmt in ("jsonl", "json"):
-            ds = datasets.Dataset.from_json(str(p))
+            ds = datasets.Dataset.from_json(str(p), cache_dir=cache_dir)
         elif fmt == "csv":
-            ds = datasets.Dataset.from_csv(str(p), sep="\t" if p.suffix.lower() == ".tsv" else ",")
+            ds = datasets.Dataset.from_csv(str(p), sep="\t" if p.suffix.lower() == ".tsv" else ",", cache_dir=cache_dir)
         else:
-            ds = datasets.Dataset.from_parquet(str(p))
+            ds = datasets.Dataset.from_parquet(str(p), cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as err:  # datasets/pyarrow raise many types; the user needs one message
@@ -117,3 +120,10 @@ def first_bad_json_line(path: Path) -> tuple[int, str] | None:
             if not isinstance(obj, dict):
                 return number, f"expected an object, got {type(obj).__name__}"
     return None
+
+
+def private_dir(path: Path) -> Path:
+    """A directory only its owner can enter (created so, and tightened if it exists)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path

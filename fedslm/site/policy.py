@@ -21,6 +21,10 @@ from pathlib import Path
 
 from fedslm.config import ConfigError, DataConfig, RunConfig
 from fedslm.data.sites import NODE_DATA_KEYS
+from fedslm.data.sources import private_dir
+
+
+DATA_CACHE = "datasets"  # under the state dir
 
 
 class PolicyError(ConfigError):
@@ -122,7 +126,11 @@ class SitePolicy:
             raise PolicyError(["model.source=local: this site has no model of its own; start the SuperNode with "
                                "--node-config 'model-path=\"/models/your-model\"' (paths never come from the coordinator)"])
         if not self.simulated:
-            cfg.data = site_data_config(cfg.data, self.data)
+            # the Arrow and tokenised copies of the site's rows stay in its state dir,
+            # owner-only, where `fedslm forget` finds them (not in ~/.cache/huggingface)
+            cfg.data = dataclasses.replace(site_data_config(cfg.data, self.data),
+                                           cache_dir=str(Path(self.state_dir) / DATA_CACHE))
+            private_dir(Path(self.state_dir))
             cfg.output_dir, cfg.resume = "", False  # the coordinator's places, not the site's
         elif self.data:
             cfg.data = dataclasses.replace(cfg.data, **self.data)
@@ -135,7 +143,7 @@ def site_data_config(run: DataConfig, own: dict) -> DataConfig:
     if not own.get("path"):
         raise PolicyError(["data: this site names no data of its own; start the SuperNode with "
                            "--node-config 'data-path=\"/your/file.jsonl\"' (the coordinator's data.path never reaches a site)"])
-    known = {f.name for f in fields(DataConfig)}
+    known = {f.name for f in fields(DataConfig)} - {"cache_dir"}
     bad = sorted(set(own) - known)
     if bad:
         raise PolicyError([f"policy data: unknown keys {bad}; allowed: {', '.join(sorted(known))}"])
@@ -175,3 +183,15 @@ def _typed(cls, values: dict, data: dict) -> SitePolicy:
         except (TypeError, ValueError):
             raise PolicyError([f"site policy {name}: {value!r} is not a {type(default).__name__}"]) from None
     return cls(**typed, data=data)
+
+
+def forget(state_dir: Path) -> list[Path]:
+    """Remove every cached copy of the site's data under its state dir (the `datasets`
+    Arrow and tokenised files); the ledgers stay: what was spent stays spent."""
+    cache = Path(state_dir) / DATA_CACHE
+    removed = sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    return removed

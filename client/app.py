@@ -32,6 +32,8 @@ def _errors_as_replies(handler: Callable[[Message, Context], Message]) -> Callab
             print(f"{site_label(context)} refused {msg.metadata.message_type}: {reason}", file=sys.stderr, flush=True)
             if isinstance(err, DataError):  # a data error may quote the rows: its public form only
                 reason = f"{type(err).__name__}: {err.public}"
+            # one line: the server's log and summary.json keep a reply's reason as one line
+            reason = " ".join(reason.split())
             return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
 
     return run

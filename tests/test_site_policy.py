@@ -76,7 +76,8 @@ def test_a_coordinator_cannot_loosen_the_sites_privacy(tiny_cfg, site, flower_id
     assert named in str(err.value)
     # the error reply the server gets names the setting too; nothing was written at the site
     reply = _call(_message(tiny_cfg), ctx)
-    assert reply.has_error() and named in reply.error.reason
+    assert reply.has_error() and named in reply.error.reason and "\n" not in reply.error.reason
+    assert reply.error.reason.startswith("PolicyError: this site's policy refuses the run:")
     assert not Path(site["state-dir"]).exists()
 
 

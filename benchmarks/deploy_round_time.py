@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fedslm.config.pyproject import pyproject_table
 from fedslm.config import ModelConfig, from_run_config, validate
-from fedslm.deploy.loopback import Loopback, run_config_string, wait_for
+from fedslm.deploy.loopback import Loopback, run_config_string
 from fedslm.model import resolve_model_dir
 
 STARTUP = """
@@ -71,12 +71,7 @@ def main() -> None:
 
     lb = Loopback(root / "deploy", sites=args.sites)
     try:
-        lb.start_link()
-        for s in range(args.sites):
-            lb.register(s)
-            lb.start_node(s)
-        for s in range(args.sites):
-            wait_for(lambda s=s: "SuperNode ID" in lb.nodes[s].text(), 60, f"site {s}", lb.nodes[s])
+        lb.start_federation()
         res = lb.run(run_config_string({**values, "output_dir": str(root / "dep")}), timeout=1800)
         if res.returncode != 0:
             raise SystemExit(res.stdout[-3000:] + res.stderr[-2000:])

@@ -105,12 +105,7 @@ def main() -> None:
     runs = 0
     started = time.time()
     try:
-        lb.start_link()
-        for s in (0, 1):
-            lb.register(s)
-            lb.start_node(s)
-        for s in (0, 1):
-            wait_for(lambda s=s: "SuperNode ID" in lb.nodes[s].text(), 60, f"site {s}", lb.nodes[s])
+        lb.start_federation()
         while True:
             runs += 1
             # resume what was saved; a coordinator killed before its first checkpoint starts over

@@ -34,12 +34,7 @@ def fed(tmp_path_factory):
     # the changed config (ServerApp exit 201)
     lb.app_config = pyproject_table()
     try:
-        lb.start_link()
-        for site in (0, 1):
-            lb.register(site)
-            lb.start_node(site)
-        for site in (0, 1):
-            wait_for(lambda s=site: "SuperNode ID" in lb.nodes[s].text(), 60, f"site {site} to connect", lb.nodes[site])
+        lb.start_federation()
         yield lb
     finally:
         # every process started here (and the SuperExec/ServerApp/ClientApp processes they

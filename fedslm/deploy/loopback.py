@@ -162,6 +162,15 @@ class Loopback:
         wait_for(lambda: "Uvicorn running on https://" in self.link.text(), 60, "the SuperLink to listen", self.link)
         return self.link
 
+    def start_federation(self) -> None:
+        """The SuperLink, every site's key registered, every site's SuperNode connected."""
+        self.start_link()
+        for site in range(self.sites):
+            self.register(site)
+            self.start_node(site)
+        for site in range(self.sites):
+            wait_for(lambda s=site: "SuperNode ID" in self.nodes[s].text(), 60, f"site {site} to connect", self.nodes[site])
+
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         # run outside the repository: `flwr` would migrate a pyproject it finds in the cwd
         return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env,

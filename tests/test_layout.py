@@ -69,7 +69,7 @@ def _layout_entries(readme: str) -> tuple[set[str], set[str]]:
     own stands for the whole folder (fedslm/data/)."""
     layout = readme[readme.index("## Layout"):]
     layout = layout[: layout.index("\n## ", 1)]
-    modules, folders, current = set(), set(), None
+    modules, described, listed, current = set(), set(), set(), None
     for line in layout.splitlines():
         tokens = line.split()
         if not tokens:
@@ -77,12 +77,15 @@ def _layout_entries(readme: str) -> tuple[set[str], set[str]]:
         if tokens[0].startswith("fedslm/") and tokens[0].endswith("/"):
             current = tokens[0]
             if len(tokens) > 1:
-                folders.add(current)
+                described.add(current)
         elif tokens[0].startswith("fedslm/") and tokens[0].endswith(".py"):
             modules.add(tokens[0])
         elif line.startswith("  ") and tokens[0].endswith(".py") and current:
             modules.add(current + tokens[0])
-    return modules, folders
+            listed.add(current)
+    # a header stands for its whole folder only when no module of it is listed: a folder
+    # that lists its modules must list every one
+    return modules, described - listed
 
 
 def test_the_readme_layout_names_every_module():
@@ -99,3 +102,10 @@ def test_the_flower_apps_are_thin(app):
     tree = ast.parse((ROOT / app).read_text())
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
     assert sum(len(ast.unparse(f).splitlines()) for f in functions) < 60
+
+
+def test_the_layout_reader_holds_a_listing_folder_to_every_module():
+    readme = ("## Layout\n```\nfedslm/site/   a site\n  handlers.py   x\nfedslm/data/   shared: all of data\n```\n"
+              "## Next\n")
+    modules, folders = _layout_entries(readme)
+    assert modules == {"fedslm/site/handlers.py"} and folders == {"fedslm/data/"}

@@ -23,15 +23,19 @@ def write_atomic(path: Path | str, write: Callable[[Path], object] | str, durabl
         else:
             write(tmp)
         if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_path(tmp)
         tmp.replace(path)
         if durable:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's contents, or a directory's entries (a rename), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

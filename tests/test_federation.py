@@ -203,6 +203,9 @@ def test_a_site_with_a_spent_budget_is_marked_exhausted_behind_the_dp_wrapper(ti
         min_train_nodes = 1
         exhausted: set = set()
 
+        def too_few(self, server_round, valid):
+            return valid < self.min_train_nodes
+
         def site_error(self, server_round, msg):
             if msg.error.reason.startswith("BudgetExceededError"):
                 self.exhausted.add(msg.metadata.src_node_id)

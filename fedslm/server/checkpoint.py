@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from safetensors.torch import load_file, save_file
 
-from fedslm.atomic import write_atomic
+from fedslm.atomic import fsync_path, write_atomic
 
 _TENSOR = "__tensor__"  # marks a tensor's place in state.json
 
@@ -115,24 +115,17 @@ def save(run_dir: Path, server_round: int, run_key: str, arrays: dict[str, torch
     (tmp / "state.json").write_text(json.dumps({"round": server_round, "run_key": run_key, "parts": states},
                                                default=float))
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)  # a round redone after a crash replaces its own leftovers
     tmp.rename(final)
-    _fsync(root)
+    fsync_path(root)
     write_atomic(root / "latest", name, durable=True)
     for old in root.glob("round-*"):  # keep this round and the one before it
         if old.name < f"round-{server_round - 1:04d}":
             shutil.rmtree(old, ignore_errors=True)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _split(value, path: str, tensors: dict[str, torch.Tensor]):

@@ -11,14 +11,15 @@ import math
 import numpy as np
 import torch
 
-from fedslm.lora.adapter import a_digest
 from fedslm.lora.schemes import Scheme, SiteUpdate
 
 WEIGHT_KEY = "num-examples"
 
 
-def reply_problem(content, scheme: Scheme, global_rank: int, needs_weight: bool = True) -> str | None:
-    """Records, weight (when the aggregate uses one), rank, exact key set and shapes for
+def reply_problem(content, scheme: Scheme, global_rank: int, needs_weight: bool = True,
+                  frozen_a: int | None = None) -> str | None:
+    """Records, weight (when the aggregate uses one), the frozen A's fingerprint (FFA:
+    `frozen_a`, from fedslm.lora.adapter.a_digest), rank, exact key set and shapes for
     that rank, dtype, finiteness."""
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return "reply lacks the 'arrays' or 'metrics' record"
@@ -32,9 +33,9 @@ def reply_problem(content, scheme: Scheme, global_rank: int, needs_weight: bool 
     if rank != global_rank and not scheme.mixed_ranks:
         return (f"site trains rank {rank} but strategy {scheme.name} needs every site at the global rank "
                 f"{global_rank}; heterogeneous ranks need strategy=exact or stack")
-    if not scheme.trains_a and metrics.get("a_digest") != a_digest(scheme.init):
+    if frozen_a is not None and metrics.get("a_digest") != frozen_a:
         return (f"the site's frozen A differs from the coordinator's (a_digest {metrics.get('a_digest')!r}, expected "
-                f"{a_digest(scheme.init)}): another lora.init_seed, base model or target modules")
+                f"{frozen_a}): another lora.init_seed, base model or target modules")
     expected = scheme.reply_shapes(rank)
     arrays = content.array_records["arrays"]
     keys = set(arrays.keys())

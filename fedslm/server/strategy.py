@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedslm.config import RunConfig, StrategyConfig
+from fedslm.lora.adapter import a_digest
 from fedslm.lora.algebra import distance, relative_error, weighted_sum
 from fedslm.lora.schemes import Scheme, SiteUpdate
 from fedslm.server.optimisers import optimiser_class, optimiser_kwargs
@@ -51,6 +52,7 @@ class LoraStrategy(FedAvg):
         # the median update norm of the last aggregated round: the yardstick for a round
         # with fewer than three replies, where a median cannot tell which one is wrong
         self.last_norm: float | None = None
+        self.gave_up_round: int | None = None  # the round whose wait for sites expired
 
     @property
     def scheme(self) -> Scheme:
@@ -69,10 +71,13 @@ class LoraStrategy(FedAvg):
         min_available_nodes of them (Flower's sampling waits forever, so one site lost for
         good would stall the run); with fewer, the round goes on with those online and
         aggregates only if min_sites valid replies come back."""
-        deadline = time.monotonic() + self.setup.wait_s
+        # a round waits once: after its training waited in vain, its evaluation does not
+        wait = 0.0 if self.gave_up_round == server_round else self.setup.wait_s
+        deadline = time.monotonic() + wait
         while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         if len(nodes) < self.min_available_nodes:
+            self.gave_up_round = server_round
             self.recorder.note(server_round, f"{len(nodes)} of the {self.min_available_nodes} sites waited for are "
                                              f"online after {self.setup.wait_s:g}s (federation.timeout_s); going on "
                                              "with those")
@@ -109,7 +114,7 @@ class LoraStrategy(FedAvg):
                 self.site_error(server_round, msg)
                 continue
             problem = reply_problem(msg.content, self.scheme, self.setup.global_rank,
-                                    needs_weight=not self.setup.uniform_weights)
+                                    needs_weight=not self.setup.uniform_weights, frozen_a=self.setup.frozen_a)
             update = None
             if problem is None:
                 metrics = msg.content.metric_records["metrics"]
@@ -136,11 +141,7 @@ class LoraStrategy(FedAvg):
             self.recorder.train_reply(server_round, msg.metadata.src_node_id, dict(msg.content.metric_records["metrics"]),
                                       record_bytes(msg.content.array_records["arrays"]))
 
-        if len(updates) < max(1, self.min_train_nodes):
-            self.recorder.note(
-                server_round,
-                f"only {len(updates)} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round",
-            )
+        if self.too_few(server_round, len(updates)):
             return None, None
         sites = [u for _, u in updates]
         new, aggregate = self.scheme.combine(self.current, sites, self.setup.rule, self.setup.trim)
@@ -154,6 +155,14 @@ class LoraStrategy(FedAvg):
         self.recorder.aggregation_error(server_round, self.errors[server_round])
         metrics = self.train_metrics_aggr_fn([_weighted(m.content, u.weight) for m, u in updates], "weight")
         return to_record(new), metrics
+
+    def too_few(self, server_round: int, valid: int) -> bool:
+        """Fewer valid replies than min_sites: the round keeps the global adapter (noted)."""
+        if valid >= max(1, self.min_train_nodes):
+            return False
+        self.recorder.note(server_round,
+                           f"only {valid} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round")
+        return True
 
     def site_error(self, server_round: int, msg: Message) -> None:
         """A site refused or failed: record why; a spent budget takes it out of training."""
@@ -232,9 +241,9 @@ class SiteErrorsFirst(Strategy):
                 self.core.site_error(server_round, msg)
             else:
                 valid.append(msg)
-        if len(valid) < max(1, self.core.min_train_nodes):
-            self.core.recorder.note(server_round, f"only {len(valid)} valid replies (< min {self.core.min_train_nodes}); "
-                                                  "global adapter unchanged this round")
+        # checked before the wrapper, which would otherwise move its adaptive clip norm (or
+        # divide by zero replies) for a round fedslm's strategy then discards
+        if self.core.too_few(server_round, len(valid)):
             return None, None
         return self.wrapper.aggregate_train(server_round, valid)
 
@@ -324,6 +333,8 @@ class LoraSetup:
         self.per_round = per_round
         self.seed = seed
         self.wait_s = wait_s  # how long a round waits for the sites it needs (federation.timeout_s)
+        # FFA: the fingerprint every site's frozen A must match (computed once, not per reply)
+        self.frozen_a = None if scheme.trains_a else a_digest(scheme.init)
 
     @property
     def global_rank(self) -> int:

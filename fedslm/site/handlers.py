@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedslm.config import RunConfig
-from fedslm.lora.adapter import a_digest, adapter_state
+from fedslm.lora.adapter import adapter_state
 from fedslm.privacy.accounting import expected_rounds
 from fedslm.privacy.dp_step import DPContext
 from fedslm.privacy.plan import check_site_size
@@ -97,7 +97,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
         "num-examples": len(train_ds),
         "site": site,
         "lora_r": rt.rank,
-        "a_digest": 0 if rt.scheme.trains_a else a_digest(rt.own_init),
+        "a_digest": rt.a_digest,
         "train_loss": stats.mean_loss if math.isfinite(stats.mean_loss) else -1.0,
         # the enforcing accountant's figure, and both accountants' for comparison
         "epsilon": eps[cfg.privacy.accountant],

@@ -83,7 +83,7 @@ class SitePolicy:
         demo twice never refuses."""
         p, t = cfg.privacy, cfg.train
         state = p.ledger_dir or str(Path(cfg.output_dir or ".") / "ledgers")
-        own = SitePolicy.from_node_config(node_config or {}).data if node_config else {}
+        own = cls.from_node_config(node_config).data if node_config else {}
         return cls(require_dp=p.enabled, max_epsilon=p.epsilon, max_lifetime_epsilon=p.epsilon if p.enabled else math.inf,
                    max_delta=p.delta, min_clip_norm=p.max_grad_norm, max_clip_norm=p.max_grad_norm,
                    max_batch_size=t.batch_size, max_local_steps=t.local_steps, max_length=cfg.data.max_length,

@@ -18,7 +18,7 @@ from fedslm import quiet
 from fedslm.config import ConfigError, RunConfig, from_run_config, validate
 from fedslm.data.canaries import canary_examples, make_canaries, write_audit_file
 from fedslm.data.sites import SiteData, build_site_data
-from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state, set_base_delta
+from fedslm.lora.adapter import a_digest, adapter_state, attach_lora, load_adapter_state, set_base_delta
 from fedslm.lora.schemes import SCHEMES, Scheme, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.dp_step import wrap_for_dp
@@ -34,6 +34,7 @@ class SiteRuntime:
     scheme: Scheme
     rank: int
     own_init: dict[str, torch.Tensor]  # this adapter's A and B as first built from the seed
+    a_digest: int  # FFA: the fingerprint of its frozen A the replies carry (0 when A trains)
     base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # stack: pristine W0
     datasets: dict = field(default_factory=dict)
     _dp_module: torch.nn.Module | None = None
@@ -81,7 +82,8 @@ def runtime_for(cfg: RunConfig, rank: int | None = None) -> SiteRuntime:
         own_init = adapter_state(peft_model, trainable_only=False)
         # the site-side scheme only needs layer names, shapes and the global rank
         scheme = make_scheme(cfg.strategy.name, own_init, cfg.lora.r, cfg.lora.alpha)
-        _RUNTIMES[key] = SiteRuntime(peft_model, tok, cfg.privacy, scheme, rank, own_init)
+        _RUNTIMES[key] = SiteRuntime(peft_model, tok, cfg.privacy, scheme, rank, own_init,
+                                     0 if scheme.trains_a else a_digest(own_init))
     return _RUNTIMES[key]
 
 

@@ -6,10 +6,11 @@ from here, so the disclosure and the replies cannot drift apart.
 
 from __future__ import annotations
 
-# A private site's train reply, besides the adapter (covered by epsilon). Each is public
-# by construction: the site id and rank are its node config; a_digest fingerprints the
-# frozen A drawn from the public lora.init_seed; the accountant's figures and step counts
-# follow from the public run config and the site's training-set size.
+# A private site's train reply, besides the adapter (covered by epsilon). The site id and
+# rank are its node config; a_digest fingerprints the frozen A drawn from the public
+# lora.init_seed; the run's accountant figures and step counts follow from the public run
+# config and the site's training-set size. epsilon_lifetime also depends on the site's
+# other runs on the same data: named in NOT_COVERED below.
 DP_TRAIN_KEYS = ("site", "lora_r", "a_digest", "epsilon", "epsilon_rdp", "epsilon_prv", "epsilon_lifetime", "noise_multiplier",
                  "sample_rate", "steps", "steps_total")
 # Without DP nothing is guaranteed, and the diagnostics go back too.
@@ -22,6 +23,10 @@ NOT_COVERED = {
     "held_out_loss": "one mean answer loss on the site's held-out rows per evaluated round (counted per site in "
                      "held_out_losses_per_site); not covered by epsilon. A site's policy may decline (evaluate: false)",
     "participation": "which sites replied in which round, and when",
+    "lifetime_epsilon": "epsilon_lifetime in each train reply: what the site's data set has spent over all its "
+                        "runs, so how much it was used in other runs; about the data set, not any record",
+    "error_replies": "a refused or failed message's reason: the setting and the site's limit, counts and "
+                     "site-local file paths; never row values (a data error that would quote rows is sent without them)",
 }
 
 

@@ -20,8 +20,58 @@ def _certs(args: argparse.Namespace) -> int:
           f"{paths.server_cert}, {paths.server_key}")
     for site, (private, public) in enumerate(paths.site_keys):
         print(f"site {site}: private key {private} (--auth-supernode-private-key), public key {public} "
-              "(flwr supernode register)")
+              f"(flwr supernode register), worker secret {paths.site_secrets[site]} (--superexec-auth-secret-file "
+              "of the SuperNode, --auth-secret-file of `fedslm site`)")
+    print(f"app publisher: private key {paths.publisher_key} (fedslm sign-app --key), public key "
+          f"{paths.publisher_pub} (each site: fedslm trusted-entity {paths.publisher_pub.name} >> trusted-publishers.yaml)")
     print(f"NOTE: {PRODUCTION_NOTE}")
+    return 0
+
+
+def _sign_app(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from fedslm.deploy.signing import SIGNATURE_KEY, fab_bytes, load_private_key, sign_fab
+
+    try:
+        key = load_private_key(args.key)
+        fab = fab_bytes(args.app_dir)
+    except (OSError, ValueError) as err:
+        print(f"fedslm sign-app: {err}", file=sys.stderr)
+        return 2
+    value = f'{SIGNATURE_KEY}="{sign_fab(fab, key)}"'
+    Path(args.out).write_text(value + "\n")
+    print(f"signed the app in {Path(args.app_dir).resolve()} (FAB sha256 {hashlib.sha256(fab).hexdigest()[:16]}); "
+          f"wrote {args.out}")
+    print(f'pass it to every run: flwr run {args.app_dir} SUPERLINK --run-config "$(cat {args.out})" --run-config "..."')
+    print("any change to the app's files after signing changes the FAB, and the sites refuse it: sign again")
+    return 0
+
+
+def _trusted_entity(args: argparse.Namespace) -> int:
+    from fedslm.deploy.signing import trusted_entity
+
+    try:
+        kid, line = trusted_entity(args.public_key)
+    except (OSError, ValueError) as err:
+        print(f"fedslm trusted-entity: {err}", file=sys.stderr)
+        return 2
+    print(f'{kid}: "{line}"')
+    return 0
+
+
+def _site(args: argparse.Namespace) -> int:
+    from fedslm.site.worker import SiteWorker
+
+    try:
+        worker = SiteWorker(args.runtime_api, args.trusted_entities, args.root_certificates, args.auth_secret_file)
+    except ValueError as err:
+        print(f"fedslm site: {err}", file=sys.stderr)
+        return 2
+    try:
+        worker.serve()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -236,6 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--sites", type=int, default=2, help="node-authentication key pairs to create")
     k.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     k.set_defaults(func=_certs)
+
+    sa = sub.add_parser("sign-app", help="publisher: sign the app (the FAB `flwr run` ships) with an Ed25519 key")
+    sa.add_argument("app_dir", nargs="?", default=".")
+    sa.add_argument("--key", type=Path, required=True, help="the publisher's private key (ssh-keygen -t ed25519)")
+    sa.add_argument("--out", default="app-signature.txt", help="where to write the run-config value")
+    sa.set_defaults(func=_sign_app)
+
+    te = sub.add_parser("trusted-entity", help="site: the trusted-entities YAML line for a publisher's public key")
+    te.add_argument("public_key", type=Path)
+    te.set_defaults(func=_trusted_entity)
+
+    sw = sub.add_parser("site", help="site: the worker beside `flower-supernode --isolation process`; runs only "
+                        "signed apps and keeps each run warm between messages")
+    sw.add_argument("--runtime-api", default="127.0.0.1:9094", help="the SuperNode's Runtime API (its --port)")
+    sw.add_argument("--trusted-entities", type=Path, required=True,
+                    help="YAML of publisher keys this site trusts, in Flower's trusted-entities format")
+    sw.add_argument("--root-certificates", type=Path, default=None, help="CA of the Runtime API when it serves TLS")
+    sw.add_argument("--auth-secret-file", type=Path, default=None,
+                    help="the secret file also given to the SuperNode as --superexec-auth-secret-file")
+    sw.set_defaults(func=_site)
 
     t = sub.add_parser("app-config", help="check (or --write) pyproject's Flower run config against conf/")
     t.add_argument("--write", action="store_true")

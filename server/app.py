@@ -6,6 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import RunConfig, from_run_config, validate
+from fedslm.server.grid import PromptGrid
 from fedslm.server.run import run_server
 
 
@@ -17,7 +18,7 @@ def build_server_app(cfg: RunConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else validate(from_run_config(context.run_config))
-        run_server(grid, run_cfg)
+        run_server(PromptGrid(grid), run_cfg)
 
     return app
 

@@ -19,6 +19,11 @@ from fedslm.config.schema import RunConfig
 
 _NONE = ""  # run_config has no null; an empty string stands for "unset"
 
+# Run-config keys that are not training settings: a deployed run's app signature
+# (fedslm.deploy.signing.SIGNATURE_KEY; it cannot be inside the FAB it signs, so it is a
+# run-config override of this empty default). The config ignores them.
+DEPLOYMENT_KEYS: dict[str, str] = {"app-signature": ""}
+
 
 def to_run_config(cfg: Any, prefix: str = "") -> dict[str, str | int | float | bool]:
     """Flatten a config dataclass to Flower's run_config: dotted keys, scalar values."""
@@ -40,6 +45,7 @@ def to_run_config(cfg: Any, prefix: str = "") -> dict[str, str | int | float | b
 def from_run_config(flat: typing.Mapping[str, Any], cls: type = RunConfig) -> Any:
     """Inverse of :func:`to_run_config`; unknown keys are an error, missing keys default."""
     known = set(to_run_config(cls()))
+    flat = {k: v for k, v in flat.items() if k not in DEPLOYMENT_KEYS}
     unknown = sorted(k for k in flat if k not in known)
     if unknown:
         raise ConfigError([f"{k}: unknown key; allowed keys: {', '.join(sorted(known))}" for k in unknown])

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 from fedslm.config.compose import REPO_ROOT, compose_run_config
-from fedslm.config.flat import to_run_config
+from fedslm.config.flat import DEPLOYMENT_KEYS, to_run_config
 
 PYPROJECT = REPO_ROOT / "pyproject.toml"
 TABLE = "[tool.flwr.app.config]"
@@ -30,7 +30,7 @@ DEPLOY_OVERRIDES = {"output_dir": "outputs/deploy"}
 def hydra_defaults(overrides: list[str] | None = None) -> dict[str, str | int | float | bool]:
     """The default run as composed from conf/ (plus any overrides), flattened."""
     pinned = [f"{k}={v}" for k, v in DEPLOY_OVERRIDES.items()]
-    return to_run_config(compose_run_config(pinned + list(overrides or [])))
+    return to_run_config(compose_run_config(pinned + list(overrides or []))) | DEPLOYMENT_KEYS
 
 
 def render_table(flat: dict[str, str | int | float | bool]) -> str:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PRODUCTION_NOTE = (
@@ -37,6 +37,11 @@ class CertPaths:
     server_cert: Path
     server_key: Path
     site_keys: list[tuple[Path, Path]]  # (private OpenSSH key, public OpenSSH key) per site
+    # the app publisher's Ed25519 pair (fedslm sign-app; sites trust the .pub), and per site
+    # the secret its SuperNode and worker share (--superexec-auth-secret-file)
+    publisher_key: Path | None = None
+    publisher_pub: Path | None = None
+    site_secrets: list[Path] = field(default_factory=list)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -76,7 +81,8 @@ def make_certs(out_dir: Path | str, hosts: list[str], sites: int, days: int = 36
     replace any of them unless `overwrite`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = ["ca.crt", "server.pem", "server.key"] + [f"site-{i}{ext}" for i in range(sites) for ext in ("", ".pub")]
+    names = ["ca.crt", "server.pem", "server.key", "publisher", "publisher.pub"] + [
+        f"site-{i}{ext}" for i in range(sites) for ext in ("", ".pub", ".secret")]
     if not overwrite:
         _refuse_existing([out / n for n in names])
     now = dt.datetime.now(dt.timezone.utc)
@@ -116,7 +122,23 @@ def make_certs(out_dir: Path | str, hosts: list[str], sites: int, days: int = 36
     )
     for site in range(sites):
         paths.site_keys.append(make_node_keys(out, f"site-{site}", overwrite=overwrite))
+        paths.site_secrets.append(_write(out / f"site-{site}.secret", os.urandom(32), private=True, overwrite=overwrite))
+    paths.publisher_key, paths.publisher_pub = make_publisher_key(out, overwrite=overwrite)
     return paths
+
+
+def make_publisher_key(out_dir: Path | str, name: str = "publisher", overwrite: bool = False) -> tuple[Path, Path]:
+    """An Ed25519 pair in the OpenSSH format (what `ssh-keygen -t ed25519` writes and
+    Flower's trusted entities hold): the app publisher signs with it, sites trust the .pub."""
+    out = Path(out_dir)
+    if not overwrite:
+        _refuse_existing([out / name, out / f"{name}.pub"])
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return (_write(out / name, private, private=True, overwrite=overwrite),
+            _write(out / f"{name}.pub", public + b" fedslm-publisher\n", overwrite=overwrite))
 
 
 def make_node_keys(out_dir: Path | str, name: str, overwrite: bool = False) -> tuple[Path, Path]:

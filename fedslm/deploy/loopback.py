@@ -1,5 +1,6 @@
 """A whole deployment on 127.0.0.1: SuperLink with TLS and node authentication, one
-SuperNode per site, `flwr run`. Used by the deployment tests and the round-time benchmark;
+SuperNode and one site worker (`fedslm site`, signed apps only) per site, `flwr run` of
+the app signed by the publisher key. Used by the deployment tests and the round-time benchmark;
 the commands are the README's (Deploy), with local ports and paths.
 
 Every process is started in its own session and ended by its process group id, so the
@@ -121,12 +122,21 @@ class Loopback:
     # site never takes either from the coordinator
     site_examples: int = 54
     cache: Path | None = None
+    workers: dict[int, Proc] = field(default_factory=dict)
+    node_ports: dict[int, int] = field(default_factory=dict)
+    signature: str | None = None  # `app-signature` of this repository's app, made at the first run
 
     def __post_init__(self):
         self.root = Path(self.root)
         (self.root / "flwr-home").mkdir(parents=True, exist_ok=True)
         self.certs = make_certs(self.root / "certs", ["127.0.0.1"], self.sites)
         self.link_port = self.link_port or free_port()
+        # every site trusts the publisher key and nothing else
+        from fedslm.deploy.signing import trusted_entity
+
+        kid, line = trusted_entity(self.certs.publisher_pub)
+        self.trusted = self.root / "trusted-publishers.yaml"
+        self.trusted.write_text(f'{kid}: "{line}"\n')
         # the coordinator's `flwr` talks to the SuperLink through a named connection
         (self.root / "flwr-home" / "config.toml").write_text(
             '[superlink]\ndefault = "fedslm"\n\n[superlink.fedslm]\n'
@@ -183,7 +193,9 @@ class Loopback:
 
     def start_node(self, site: int, node_config: str = "", key: Path | None = None, ca: Path | None = None,
                    name: str | None = None) -> Proc:
-        port = free_port()
+        """The site's SuperNode (process isolation: it runs no app code itself) and, for a
+        registered site, its worker on the SuperNode's Runtime API port."""
+        port = free_port() if name is not None else self.node_ports.setdefault(site, free_port())
         state = self.root / f"site-{site}-state"
         own = f'data-path="{self.site_data(site)}"' + (f' cache-dir="{self.cache}"' if self.cache else "")
         cfg = f'site-id={site} state-dir="{state}" {own} {node_config}'.strip()
@@ -191,11 +203,32 @@ class Loopback:
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}",
             "--root-certificates", str(ca or self.certs.ca_cert),
             "--auth-supernode-private-key", str(key or self.certs.site_keys[site][0]),
-            "--port", str(port), "--node-config", cfg,
+            "--port", str(port), "--node-config", cfg, "--isolation", "process",
+            *(["--superexec-auth-secret-file", str(self.certs.site_secrets[site])] if site < self.sites else []),
         ], port)
         if name is None:
             self.nodes[site] = proc
+            if site not in self.workers or not self.workers[site].alive():
+                self.start_worker(site)
         return proc
+
+    def start_worker(self, site: int, trusted: Path | None = None, secret: Path | None = None) -> Proc:
+        port = self.node_ports[site]
+        proc = self._start(f"site-{site}-worker", [
+            sys.executable, "-m", "fedslm.cli", "site", "--runtime-api", f"127.0.0.1:{port}",
+            "--trusted-entities", str(trusted or self.trusted),
+            "--auth-secret-file", str(secret or self.certs.site_secrets[site]),
+        ], 0)
+        self.workers[site] = proc
+        return proc
+
+    def signed(self, run_config: str) -> list[str]:
+        """`--run-config` arguments of a run: the config, then the publisher's signature of the app."""
+        if self.signature is None:
+            from fedslm.deploy.signing import fab_bytes, load_private_key, sign_fab
+
+            self.signature = sign_fab(fab_bytes(REPO_ROOT), load_private_key(self.certs.publisher_key))
+        return ["--run-config", run_config, "--run-config", f'app-signature="{self.signature}"']
 
     def site_data(self, site: int) -> Path:
         """The site's own data file, written once (the built-in synthetic clinic rows)."""
@@ -214,11 +247,11 @@ class Loopback:
 
     def run(self, run_config: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """`flwr run` the app in this repository and stream its log until it ends."""
-        return self.flwr("run", str(REPO_ROOT), "fedslm", "--stream", "--run-config", run_config, timeout=timeout)
+        return self.flwr("run", str(REPO_ROOT), "fedslm", "--stream", *self.signed(run_config), timeout=timeout)
 
     def run_async(self, run_config: str) -> Proc:
         return self._start("flwr-run", [str(BIN / "flwr"), "run", str(REPO_ROOT), "fedslm", "--stream",
-                                        "--run-config", run_config], 0)
+                                        *self.signed(run_config)], 0)
 
     def stop(self) -> list[int]:
         """End every process started here; returns the ports still taken (should be none)."""

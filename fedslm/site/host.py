@@ -1,0 +1,154 @@
+"""The app host: one process per Flower run, started by the site worker
+(fedslm.site.worker), that serves every message of that run in turn.
+
+Flower's `flwr-clientapp` serves one message and exits, so each train and evaluate paid
+the imports, the model load and the tokenisation again. A host keeps the run's ClientApp
+(and with it fedslm's site runtime: model, tokenised data, Opacus wrapper) alive between
+messages. Each message still goes through Flower's own Runtime API calls, exactly as
+`flwr-clientapp` makes them.
+
+Before any of the app's code is imported, the host checks that the run's FAB is signed by
+a key the site trusts (fedslm.deploy.signing). That is why this file runs as a script
+(`python -I host.py`), not as `fedslm.site.host`: the signed app brings its own `fedslm`,
+and nothing of the site's installed copy may be imported first and shadow it. Until the
+check passes only the standard library, flwr, cryptography and signing.py (loaded by file
+path) are in the process.
+
+Protocol with the worker: one task token per line on stdin; the host answers each with
+one line on stdout (`done TOKEN`), so the worker knows when the host is idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+SIGNING = Path(__file__).resolve().parent.parent / "deploy" / "signing.py"
+
+
+def _load_signing():
+    spec = importlib.util.spec_from_file_location("_fedslm_site_signing", SIGNING)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def log(text: str) -> None:
+    print(f"[site host {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+class Host:
+    def __init__(self, runtime_api: str, trusted_entities: Path, root_certificates: Path | None):
+        self.runtime_api = runtime_api
+        self.certificates = root_certificates.read_bytes() if root_certificates else None
+        self.signing = _load_signing()
+        self.trusted = self.signing.load_trusted(trusted_entities)
+        self.fab_hash: str | None = None  # the one app this host runs, once verified
+        self.refusal: str | None = None  # why this host's app was refused, once checked
+        self.app = None
+
+    def _client(self, token: str) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api,
+            insecure=self.certificates is None,
+            root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def _admit(self, run, fab, context) -> None:
+        """Verify the run's app once, then install and load it; raise UnsignedAppError
+        (every later message of the run is refused for the same reason)."""
+        if self.fab_hash is None:
+            self.fab_hash = fab.hash_str
+            try:
+                kid = self.signing.check_fab(fab.content, str(context.run_config.get(self.signing.SIGNATURE_KEY, "")),
+                                             self.trusted)
+            except self.signing.UnsignedAppError as err:
+                self.refusal = str(err)
+                log(f"REFUSED run {run.run_id}: {err}. No code of this app was run.")
+                raise
+            log(f"run {run.run_id}: app {run.fab_id} {run.fab_version} (FAB sha256 {fab.hash_str[:16]}) is signed "
+                f"by trusted key {kid}")
+            install_from_fab(fab.content, skip_prompt=True)
+            self.app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+                run.fab_id, run.fab_version, fab.hash_str)
+        elif fab.hash_str != self.fab_hash:
+            raise LoadClientAppError(f"this host serves FAB {self.fab_hash[:16]}, not {fab.hash_str[:16]}")
+        if self.refusal is not None:
+            raise self.signing.UnsignedAppError(self.refusal)
+
+    def serve_task(self, token: str) -> None:
+        client = self._client(token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message = context = reply = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            self._admit(run, fab, context)
+            reply = self.app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except self.signing.UnsignedAppError as err:
+            details = f"the site refused the app: {err}"
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
+        except Exception as err:  # noqa: BLE001 - reported to the server as Flower reports it
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) \
+                else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            details = f"{type(err)}:<'{err}'>"
+            log(f"the ClientApp raised {type(err).__name__}: {err}")
+            import traceback
+
+            traceback.print_exc()
+            if message is not None:
+                reply = Message(Error(code=code, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            finally:
+                heartbeat.stop()
+                client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fedslm-site-host")
+    ap.add_argument("--runtime-api", required=True)
+    ap.add_argument("--trusted-entities", type=Path, required=True)
+    ap.add_argument("--root-certificates", type=Path, default=None)
+    args = ap.parse_args(argv)
+    # stdout is the worker's channel; whatever the app (or a C library) prints goes to stderr
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    host = Host(args.runtime_api, args.trusted_entities, args.root_certificates)
+    channel.write("ready\n")
+    for line in sys.stdin:
+        token = line.strip()
+        if token:
+            host.serve_task(token)
+            channel.write(f"done {token}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

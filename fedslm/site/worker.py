@@ -1,0 +1,137 @@
+"""The site worker (`fedslm site`): the long-running process a site starts beside its
+SuperNode (`flower-supernode --isolation process`), in place of Flower's SuperExec.
+
+It takes the SuperNode's tasks as Flower's SuperExec does (`AcquireTask` on the local
+Runtime API, HMAC-authenticated with the site's own secret when the SuperNode is given
+one), and hands each to an app host (fedslm.site.host): one process per run that first
+checks the run's app against the site's trusted publisher keys and then serves every
+message of the run warm. A host that dies (killed, out of memory) is replaced on the
+run's next message; the message it held expires in Flower and the server goes on
+without that site for the round.
+
+This process never imports the app: it runs only the site's installed code.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST_SCRIPT = Path(__file__).resolve().parent / "host.py"
+
+
+def log(text: str) -> None:
+    print(f"[site worker {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Host:
+    run_id: int
+    proc: subprocess.Popen
+
+    def serve(self, token: str) -> bool:
+        """Hand one task to the host and wait until it is done; False if the host died."""
+        try:
+            self.proc.stdin.write(token + "\n")
+            self.proc.stdin.flush()
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    return False
+                if line.strip() == f"done {token}":
+                    return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@dataclass
+class SiteWorker:
+    runtime_api: str  # the SuperNode's Runtime API, host:port (its --port)
+    trusted_entities: Path
+    root_certificates: Path | None = None  # when the Runtime API serves TLS
+    auth_secret_file: Path | None = None  # the SuperNode's --superexec-auth-secret-file
+    poll_s: float = 0.2
+    hosts: dict[int, _Host] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from fedslm.deploy.signing import load_trusted
+
+        # a bad key file is an error now, at start-up, not at the first message
+        self.trusted_ids = sorted(load_trusted(self.trusted_entities))
+
+    def _client(self):
+        from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if self.auth_secret_file is not None:
+            secret = load_superexec_auth_secret(str(self.auth_secret_file))
+            interceptors.append(SuperExecAuthHttpInterceptor(
+                master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api,
+            insecure=self.root_certificates is None,
+            root_certificates=self.root_certificates.read_bytes() if self.root_certificates else None,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def _host(self, run_id: int) -> _Host:
+        host = self.hosts.get(run_id)
+        if host is not None and host.proc.poll() is None:
+            return host
+        # one run at a time holds the model in memory: an older run's host is ended
+        for other in list(self.hosts.values()):
+            other.stop()
+        self.hosts.clear()
+        cmd = [sys.executable, "-I", str(HOST_SCRIPT), "--runtime-api", self.runtime_api,
+               "--trusted-entities", str(self.trusted_entities)]
+        if self.root_certificates is not None:
+            cmd += ["--root-certificates", str(self.root_certificates)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        if proc.stdout.readline().strip() != "ready":
+            proc.wait()
+            raise RuntimeError(f"the app host for run {run_id} failed to start (exit code {proc.returncode}); "
+                               "its error is above")
+        log(f"run {run_id}: app host started (pid {proc.pid})")
+        self.hosts[run_id] = _Host(run_id, proc)
+        return self.hosts[run_id]
+
+    def serve(self) -> None:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
+
+        client = self._client()
+        log(f"serving the SuperNode at {self.runtime_api}; apps must be signed by one of: "
+            f"{', '.join(self.trusted_ids)}")
+        try:
+            while True:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                if not (res.HasField("task") and res.token):
+                    time.sleep(self.poll_s)
+                    continue
+                run_id = res.task.run_id
+                try:
+                    host = self._host(run_id)
+                except RuntimeError as err:
+                    log(str(err))
+                    continue
+                if not host.serve(res.token):
+                    code = host.proc.wait()
+                    log(f"run {run_id}: the app host died (exit code {code}) during task {res.task.task_id}; "
+                        "the next message of the run starts a new one")
+                    del self.hosts[run_id]
+        finally:
+            for host in self.hosts.values():
+                host.stop()
+            client.close()

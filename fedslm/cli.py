@@ -75,6 +75,17 @@ def _site(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supernode(args: argparse.Namespace) -> int:
+    from fedslm.site.supernode import run
+
+    rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+    if args.poll_s <= 0:
+        print("fedslm supernode: --poll-s must be positive", file=sys.stderr)
+        return 2
+    run(args.poll_s, rest)
+    return 0
+
+
 def _app_config(args: argparse.Namespace) -> int:
     from fedslm.config.pyproject import differences, write_table
 
@@ -306,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--auth-secret-file", type=Path, default=None,
                     help="the secret file also given to the SuperNode as --superexec-auth-secret-file")
     sw.set_defaults(func=_site)
+
+    sn = sub.add_parser("supernode", help="site: Flower's flower-supernode with its idle waits capped at --poll-s "
+                        "(arguments after -- are flower-supernode's)")
+    sn.add_argument("--poll-s", type=float, default=0.2,
+                    help="longest wait between asking the SuperLink for messages (Flower's own: 3 s)")
+    sn.add_argument("supernode_args", nargs=argparse.REMAINDER)
+    sn.set_defaults(func=_supernode)
 
     t = sub.add_parser("app-config", help="check (or --write) pyproject's Flower run config against conf/")
     t.add_argument("--write", action="store_true")

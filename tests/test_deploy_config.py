@@ -96,6 +96,8 @@ def test_private_keys_are_owner_only_from_the_first_byte_and_never_replaced(tmp_
         os.umask(old_umask)
         monkeypatch.undo()
     assert created[str(tmp_path / "server.key")] == 0o600 and created[str(tmp_path / "site-0")] == 0o600
+    # the app publisher's signing key and the site worker's secret too
+    assert created[str(tmp_path / "publisher")] == 0o600 and created[str(tmp_path / "site-0.secret")] == 0o600
     assert created[str(tmp_path / "ca.crt")] == 0o644
     before = (tmp_path / "site-0").read_bytes()
     capsys.readouterr()

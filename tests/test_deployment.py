@@ -71,6 +71,34 @@ def test_a_server_the_site_does_not_trust_is_refused(fed, tmp_path):
     assert "CERTIFICATE_VERIFY_FAILED" in node.text()
 
 
+def test_a_site_runs_only_apps_signed_by_a_key_it_trusts(fed, tmp_path):
+    """The coordinator runs the app unsigned, then signed by a key of its own: each site's
+    worker refuses the run before importing any of it, says why in the site's log, and the
+    coordinator sees the refusal as the sites' error replies."""
+    from fedslm.config.compose import REPO_ROOT
+    from fedslm.deploy.certs import make_publisher_key
+    from fedslm.deploy.signing import fab_bytes, load_private_key, sign_fab
+
+    own_key = load_private_key(make_publisher_key(tmp_path, "coordinators-own")[0])
+    attempts = {
+        "not signed": [],
+        "does not trust": ["--run-config", f'app-signature="{sign_fab(fab_bytes(REPO_ROOT), own_key)}"'],
+    }
+    for reason, signature in attempts.items():
+        before = [fed.workers[s].text() for s in range(fed.sites)]
+        out = tmp_path / reason.replace(" ", "-")
+        res = fed.flwr("run", str(REPO_ROOT), "fedslm", "--stream", "--run-config",
+                       _config(fed, out, **{"federation.rounds": 1}), *signature, timeout=300)
+        run_id = res.stdout.split("Successfully started run ")[1].split()[0]
+        for site in range(fed.sites):
+            log = fed.workers[site].text()[len(before[site]):]
+            assert f"REFUSED run {run_id}: " in log and reason in log and "No code of this app was run" in log
+            assert "train loss" not in log and "held-out examples" not in log  # the app never ran
+        assert "the site refused the app" in res.stdout + res.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds_aggregated"] == 0 if "rounds_aggregated" in summary else True
+
+
 def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
     out = tmp_path / "run"
     run = fed.run_async(_config(fed, out))

@@ -131,6 +131,7 @@ def make_publisher_key(out_dir: Path | str, name: str = "publisher", overwrite: 
     """An Ed25519 pair in the OpenSSH format (what `ssh-keygen -t ed25519` writes and
     Flower's trusted entities hold): the app publisher signs with it, sites trust the .pub."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if not overwrite:
         _refuse_existing([out / name, out / f"{name}.pub"])
     key = ed25519.Ed25519PrivateKey.generate()

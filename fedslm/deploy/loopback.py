@@ -125,6 +125,7 @@ class Loopback:
     workers: dict[int, Proc] = field(default_factory=dict)
     node_ports: dict[int, int] = field(default_factory=dict)
     signature: str | None = None  # `app-signature` of this repository's app, made at the first run
+    poll_s: float = 0.2  # the SuperNodes' idle wait (fedslm supernode --poll-s)
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -200,7 +201,8 @@ class Loopback:
         own = f'data-path="{self.site_data(site)}"' + (f' cache-dir="{self.cache}"' if self.cache else "")
         cfg = f'site-id={site} state-dir="{state}" {own} {node_config}'.strip()
         proc = self._start(name or f"supernode-{site}", [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}",
+            sys.executable, "-m", "fedslm.cli", "supernode", "--poll-s", str(self.poll_s), "--",
+            "--superlink", f"127.0.0.1:{self.link_port}",
             "--root-certificates", str(ca or self.certs.ca_cert),
             "--auth-supernode-private-key", str(key or self.certs.site_keys[site][0]),
             "--port", str(port), "--node-config", cfg, "--isolation", "process",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +28,29 @@ def log(text: str) -> None:
     print(f"[site worker {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-@dataclass
 class _Host:
-    run_id: int
-    proc: subprocess.Popen
+    """One app host process and the tasks handed to it that it has not finished."""
 
-    def serve(self, token: str) -> bool:
-        """Hand one task to the host and wait until it is done; False if the host died."""
+    def __init__(self, run_id: int, proc: subprocess.Popen):
+        self.run_id, self.proc = run_id, proc
+        self.pending: set[str] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("done "):
+                with self._lock:
+                    self.pending.discard(line.split(" ", 1)[1].strip())
+
+    def hand(self, token: str) -> bool:
+        """Queue one task on the host (it serves them in turn); False if it is gone."""
+        with self._lock:
+            self.pending.add(token)
         try:
             self.proc.stdin.write(token + "\n")
             self.proc.stdin.flush()
-            while True:
-                line = self.proc.stdout.readline()
-                if not line:
-                    return False
-                if line.strip() == f"done {token}":
-                    return True
+            return True
         except (BrokenPipeError, OSError):
             return False
 
@@ -58,7 +66,7 @@ class SiteWorker:
     trusted_entities: Path
     root_certificates: Path | None = None  # when the Runtime API serves TLS
     auth_secret_file: Path | None = None  # the SuperNode's --superexec-auth-secret-file
-    poll_s: float = 0.2
+    poll_s: float = 0.1  # a local call: cheap
     hosts: dict[int, _Host] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -90,7 +98,12 @@ class SiteWorker:
         host = self.hosts.get(run_id)
         if host is not None and host.proc.poll() is None:
             return host
-        # one run at a time holds the model in memory: an older run's host is ended
+        if host is not None:
+            log(f"run {run_id}: the app host died (exit code {host.proc.returncode}) with {len(host.pending)} "
+                "task(s) unfinished (they expire in Flower); starting a new one")
+        # one run at a time holds the model in memory: an older run's host is ended, also
+        # one still waiting on a message of its run that will never come (a coordinator
+        # restarted mid-round leaves such a task behind)
         for other in list(self.hosts.values()):
             other.stop()
         self.hosts.clear()
@@ -122,15 +135,12 @@ class SiteWorker:
                     continue
                 run_id = res.task.run_id
                 try:
-                    host = self._host(run_id)
+                    # the worker never waits on a host: a host stuck on one task must not
+                    # keep the site from the next run
+                    if not self._host(run_id).hand(res.token):
+                        self._host(run_id).hand(res.token)  # it died just now: a new one takes the task
                 except RuntimeError as err:
                     log(str(err))
-                    continue
-                if not host.serve(res.token):
-                    code = host.proc.wait()
-                    log(f"run {run_id}: the app host died (exit code {code}) during task {res.task.task_id}; "
-                        "the next message of the run starts a new one")
-                    del self.hosts[run_id]
         finally:
             for host in self.hosts.values():
                 host.stop()

@@ -1,6 +1,8 @@
-"""kill -9 soak on loopback: a deployed run of N rounds while the SuperLink or a SuperNode
-is killed at random moments. A killed SuperLink is restarted on the same database and the
-run resumed (`resume=true`); a killed SuperNode is restarted with the same state dir.
+"""kill -9 soak on loopback: a deployed run of N rounds while the SuperLink, a SuperNode or
+a site worker (with its app host) is killed at random moments. A killed SuperLink is
+restarted on the same database and the run resumed (`resume=true`); a killed SuperNode is
+restarted with the same state dir; a killed site worker is restarted at once (a supervisor
+would), and its new app host picks up the run from the site's disk.
 At the end every site's lifetime ledger is reconciled with what the site really did:
 
 - no round counted twice (the ledger's trained rounds are distinct),
@@ -117,7 +119,7 @@ def main() -> None:
                     time.sleep(0.5)
                 if not run.alive():
                     break
-                victim = rng.choice(["superlink", "site-0", "site-1"])
+                victim = rng.choice(["superlink", "site-0", "site-1", "worker-0", "worker-1"])
                 kills.append({"what": victim, "after_round": rounds_saved(out), "at_s": round(time.time() - started)})
                 print(f"kill -9 {victim} after round {kills[-1]['after_round']}", flush=True)
                 if victim == "superlink":
@@ -127,6 +129,10 @@ def main() -> None:
                     link_killed = True
                     break
                 site = int(victim[-1])
+                if victim.startswith("worker"):
+                    lb.workers[site].kill()  # the worker and the app host it started
+                    lb.start_worker(site)
+                    continue
                 lb.nodes[site].kill()
                 kills[-1]["node_starts"] = restart_node(lb, site)
             if link_killed:

@@ -82,7 +82,7 @@ def _supernode(args: argparse.Namespace) -> int:
     if args.poll_s <= 0:
         print("fedslm supernode: --poll-s must be positive", file=sys.stderr)
         return 2
-    run(args.poll_s, rest)
+    run(args.poll_s, rest, args.pull_timeout_s)
     return 0
 
 
@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(arguments after -- are flower-supernode's)")
     sn.add_argument("--poll-s", type=float, default=0.2,
                     help="longest wait between asking the SuperLink for messages (Flower's own: 3 s)")
+    sn.add_argument("--pull-timeout-s", type=float, default=60.0,
+                    help="give up a message whose content the SuperLink no longer has (Flower's own: 7200 s)")
     sn.add_argument("supernode_args", nargs=argparse.REMAINDER)
     sn.set_defaults(func=_supernode)
 

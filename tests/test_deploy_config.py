@@ -118,3 +118,39 @@ def test_server_cert_verifies_for_its_host_only(tmp_path):
                           tmp_path / "server.pem"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert bad.returncode != 0
+
+
+def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_capped(monkeypatch):
+    """The idle poll (Flower: 3 s) and the content pull of a message (Flower: up to 2 h, which
+    left a SuperNode deaf after a coordinator restart) are capped; everything else is
+    flower-supernode's own, with its own arguments."""
+    import sys
+    import time
+
+    import importlib
+
+    import flwr.supernode.start_client_internal as loop
+
+    cli_mod = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    if not hasattr(cli_mod, "__file__"):  # the package re-exports the function under the module's name
+        cli_mod = sys.modules["flwr.supernode.cli.flower_supernode"]
+
+    from fedslm.site.supernode import run
+
+    seen = {}
+
+    def fake_supernode():
+        seen["argv"] = list(sys.argv)
+        started = time.monotonic()
+        loop.time.sleep(3)  # what the loop does when no message is waiting
+        seen["slept"] = time.monotonic() - started
+        seen["pull_max_time"] = loop.pull_objects.keywords["max_time"]
+        seen["monotonic"] = loop.time.monotonic is time.monotonic
+
+    monkeypatch.setattr(cli_mod, "flower_supernode", fake_supernode)
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    run(0.05, ["--superlink", "127.0.0.1:1", "--isolation", "process"], pull_timeout_s=42.0)
+    assert seen["argv"] == ["flower-supernode", "--superlink", "127.0.0.1:1", "--isolation", "process"]
+    assert seen["slept"] < 1.0 and seen["pull_max_time"] == 42.0 and seen["monotonic"]

@@ -95,8 +95,11 @@ def test_a_site_runs_only_apps_signed_by_a_key_it_trusts(fed, tmp_path):
             assert f"REFUSED run {run_id}: " in log and reason in log and "No code of this app was run" in log
             assert "train loss" not in log and "held-out examples" not in log  # the app never ran
         assert "the site refused the app" in res.stdout + res.stderr
+        # nothing came back but the refusals: no update, no loss, no epsilon spent
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["rounds_aggregated"] == 0 if "rounds_aggregated" in summary else True
+        assert summary["bytes_up"] == 0 and summary["epsilon_per_site"] == {} and summary["eval_loss_per_site"] == {}
+        refusals = summary["rejected"]["1"]
+        assert len(refusals) == 2 * fed.sites and all(reason in r for r in refusals)
 
 
 def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):

@@ -101,8 +101,9 @@ def guarantee_text(privacy: dict) -> tuple[str, str]:
         )
     released = privacy.get("released") or {}
     if level.startswith("sample") and released.get("not_covered"):
-        scope += ("\n\nThe guarantee holds against the coordinator too, as long as each site ran the "
-                  "fedslm code it installed: each site drew its noise and batches from its own OS entropy and "
+        scope += ("\n\nThe guarantee holds against the coordinator too, as long as each site ran only "
+                  "fedslm code it trusts (a deployed site's worker runs only apps signed by a publisher key "
+                  "the site trusts): each site drew its noise and batches from its own OS entropy and "
                   "enforced its own policy and lifetime budget. Released by the sites outside it: "
                   + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in released["not_covered"].items())
                   + f". Held-out losses released per site: {released.get('held_out_losses_per_site', {})}.")

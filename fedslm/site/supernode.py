@@ -7,8 +7,14 @@ evaluate), each a moment after the server has the previous replies, so the Super
 just gone to sleep each time: about 2.5 s lost per message, 5-6 s per round, which was
 most of a deployed round with a small model.
 
-This runs Flower's `flower-supernode` entry point unchanged except that those waits are
-capped at `--poll-s`. The price is load on the SuperLink: each idle site asks it for
+A second wait is the one for a message's content: a SuperLink killed while a SuperNode
+pulled a message leaves the SuperNode retrying objects the restarted SuperLink no longer
+has, for up to two hours (Flower's PULL_MAX_TIME), deaf to the resumed run. Here the pull
+gives up after `--pull-timeout-s` (Flower then drops that message and goes on); a live
+SuperLink makes a message pullable only once its content is stored, so a healthy pull
+never waits.
+
+This runs Flower's `flower-supernode` entry point unchanged except for those two limits. The price is load on the SuperLink: each idle site asks it for
 messages 1/poll_s times a second (3 sites at 0.2 s: 15 requests/s; 100 sites: 500/s, where
 a longer poll is the better choice). Every argument after `--` is flower-supernode's.
 """
@@ -33,15 +39,18 @@ class _CappedSleep:
         return getattr(_time, name)
 
 
-def run(poll_s: float, supernode_args: list[str]) -> None:
+def run(poll_s: float, supernode_args: list[str], pull_timeout_s: float = 60.0) -> None:
+    import functools
+
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    if getattr(loop, "time", None) is not _time:
+    if getattr(loop, "time", None) is not _time or not callable(getattr(loop, "pull_objects", None)):
         # another Flower than the one this was written against: run it as it is
-        print(f"fedslm supernode: flwr's SuperNode loop has changed; running it with its own waits "
-              f"(--poll-s {poll_s} not applied)", file=sys.stderr)
+        print("fedslm supernode: flwr's SuperNode loop has changed; running it with its own waits "
+              "(--poll-s and --pull-timeout-s not applied)", file=sys.stderr)
     else:
         loop.time = _CappedSleep(poll_s)
+        loop.pull_objects = functools.partial(loop.pull_objects, max_time=pull_timeout_s)
     sys.argv = ["flower-supernode", *supernode_args]
     flower_supernode()

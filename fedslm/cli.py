@@ -86,6 +86,13 @@ def _supernode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_proxy(args: argparse.Namespace) -> int:
+    from fedslm.deploy.fleet_proxy import nginx_config
+
+    print(nginx_config(args.listen, args.superlink, args.cert.resolve(), args.key.resolve(), args.ca.resolve()), end="")
+    return 0
+
+
 def _app_config(args: argparse.Namespace) -> int:
     from fedslm.config.pyproject import differences, write_table
 
@@ -326,6 +333,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="give up a message whose content the SuperLink no longer has (Flower's own: 7200 s)")
     sn.add_argument("supernode_args", nargs=argparse.REMAINDER)
     sn.set_defaults(func=_supernode)
+
+    fp = sub.add_parser("fleet-proxy", help="coordinator: an nginx.conf that serves only the Fleet API on the "
+                        "public address (the SuperLink stays on 127.0.0.1 with its Control API)")
+    fp.add_argument("--listen", required=True, help="the public host:port the sites dial")
+    fp.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's --host:--port")
+    fp.add_argument("--cert", type=Path, required=True, help="the SuperLink's certificate (server.pem)")
+    fp.add_argument("--key", type=Path, required=True, help="its private key (server.key)")
+    fp.add_argument("--ca", type=Path, required=True, help="the CA that signed it (ca.crt)")
+    fp.set_defaults(func=_fleet_proxy)
 
     t = sub.add_parser("app-config", help="check (or --write) pyproject's Flower run config against conf/")
     t.add_argument("--write", action="store_true")

@@ -5,6 +5,7 @@ resumed. Every process is ended by pid and the ports are checked free afterwards
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,47 @@ def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
     assert f"run {saved['run_key']}: 2 round(s)" in listing and f"epsilon {eps[(2, 0)]:.3f}" in listing
     final = load_file(str(out / "adapters" / "round_002.safetensors"))
     assert any(t.abs().max() > 0 for k, t in final.items() if ".lora_B." in k)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (Debian: apt-get install nginx-light)")
+def test_the_public_port_serves_sites_and_not_the_control_api(fed, tmp_path):
+    """The README's coordinator setup for real networks: the SuperLink on 127.0.0.1, and on
+    the public address an nginx (config from `fedslm fleet-proxy`) that passes the Fleet
+    API only. A site connects through it; `flwr` through it is refused (403), while the
+    operators' `flwr` on the coordinator still works. (Last in the file: its extra node
+    must not be sampled by another test's run.)"""
+    import os
+
+    from fedslm.deploy.certs import make_node_keys
+    from fedslm.deploy.fleet_proxy import nginx_config
+    from fedslm.deploy.loopback import free_port, port_is_free
+
+    port, prefix, c = free_port(), tmp_path / "nginx", fed.certs
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_config(f"127.0.0.1:{port}", f"127.0.0.1:{fed.link_port}", c.server_cert, c.server_key,
+                                 c.ca_cert, prefix=prefix, run_as_root=os.geteuid() == 0))
+    nginx = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    node = None
+    try:
+        wait_for(lambda: not port_is_free(port), 30, "nginx to listen")
+        with (fed.root / "flwr-home" / "config.toml").open("a") as f:
+            f.write(f'\n[superlink.public]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{c.ca_cert}"\n')
+        refused = fed.flwr("supernode", "list", "public")
+        assert refused.returncode != 0, refused.stdout
+        assert "403" in refused.stdout + refused.stderr or "Forbidden" in refused.stdout + refused.stderr
+        listed = fed.flwr("supernode", "list", "fedslm")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+
+        key, pub = make_node_keys(fed.root / "certs", "site-public")
+        registered = fed.flwr("supernode", "register", str(pub), "fedslm")
+        assert "registered successfully" in registered.stdout
+        node = fed.start_node(0, key=key, name="through-proxy", superlink=f"127.0.0.1:{port}")
+        wait_for(lambda: "SuperNode ID" in node.text(), 60, "the site to connect through the proxy", node)
+        assert "/v1/fleet/activate-node" in (prefix / "access.log").read_text()
+    finally:
+        if node is not None:
+            node.kill()
+        os.killpg(nginx.pid, 9)
+        nginx.wait()

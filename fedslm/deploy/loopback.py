@@ -193,7 +193,7 @@ class Loopback:
             raise RuntimeError(f"registering site {site} failed: {res.stdout}{res.stderr}")
 
     def start_node(self, site: int, node_config: str = "", key: Path | None = None, ca: Path | None = None,
-                   name: str | None = None) -> Proc:
+                   name: str | None = None, superlink: str | None = None) -> Proc:
         """The site's SuperNode (process isolation: it runs no app code itself) and, for a
         registered site, its worker on the SuperNode's Runtime API port."""
         port = free_port() if name is not None else self.node_ports.setdefault(site, free_port())
@@ -202,7 +202,7 @@ class Loopback:
         cfg = f'site-id={site} state-dir="{state}" {own} {node_config}'.strip()
         proc = self._start(name or f"supernode-{site}", [
             sys.executable, "-m", "fedslm.cli", "supernode", "--poll-s", str(self.poll_s), "--",
-            "--superlink", f"127.0.0.1:{self.link_port}",
+            "--superlink", superlink or f"127.0.0.1:{self.link_port}",
             "--root-certificates", str(ca or self.certs.ca_cert),
             "--auth-supernode-private-key", str(key or self.certs.site_keys[site][0]),
             "--port", str(port), "--node-config", cfg, "--isolation", "process",

@@ -6,8 +6,8 @@ and the embedded SmolLM2.
 
 Deployment: SuperLink (TLS, node auth) + per site a SuperNode in process isolation and
 its `fedslm site` worker (signed app, warm app host), `flwr run` on 127.0.0.1
-(fedslm.deploy.loopback); each site reads its own data file of the same size as the
-simulated partitions. Simulation: simulations.simulate.simulate (Ray actors).
+(fedslm.deploy.loopback); each site reads its own training and held-out files, of the
+sizes of the simulated partitions. Simulation: simulations.simulate.simulate (Ray actors).
 Writes benchmarks/results/deploy_round_time.json (_tiny.json for --model tiny); the last line is the larger ratio.
 """
 
@@ -47,7 +47,8 @@ def measure(model: str, rounds: int, root: Path) -> dict:
     sim = simulate(validate(from_run_config(flat | {"output_dir": str(root / f"sim-{model}")})), echo=lambda *_: None)
     sim_wall = time.perf_counter() - t
 
-    lb = Loopback(root / f"deploy-{model}", sites=sites, site_examples=train + held_out)
+    # each site's own training file and held-out file, of the simulated partitions' sizes
+    lb = Loopback(root / f"deploy-{model}", sites=sites, site_examples=train, site_eval_examples=held_out)
     lb.cache = cache
     try:
         lb.start_federation()

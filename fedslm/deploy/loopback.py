@@ -121,6 +121,7 @@ class Loopback:
     # every site's own data file (synthetic clinic rows) and its model cache: a deployed
     # site never takes either from the coordinator
     site_examples: int = 54
+    site_eval_examples: int = 0  # > 0: the site also has a held-out file of this many rows (data-eval-path)
     cache: Path | None = None
     workers: dict[int, Proc] = field(default_factory=dict)
     node_ports: dict[int, int] = field(default_factory=dict)
@@ -199,6 +200,8 @@ class Loopback:
         port = free_port() if name is not None else self.node_ports.setdefault(site, free_port())
         state = self.root / f"site-{site}-state"
         own = f'data-path="{self.site_data(site)}"' + (f' cache-dir="{self.cache}"' if self.cache else "")
+        if self.site_eval_examples:
+            own += f' data-eval-path="{self.site_data(site, held_out=True)}"'
         cfg = f'site-id={site} state-dir="{state}" {own} {node_config}'.strip()
         proc = self._start(name or f"supernode-{site}", [
             sys.executable, "-m", "fedslm.cli", "supernode", "--poll-s", str(self.poll_s), "--",
@@ -232,15 +235,17 @@ class Loopback:
             self.signature = sign_fab(fab_bytes(REPO_ROOT), load_private_key(self.certs.publisher_key))
         return ["--run-config", run_config, "--run-config", f'app-signature="{self.signature}"']
 
-    def site_data(self, site: int) -> Path:
-        """The site's own data file, written once (the built-in synthetic clinic rows)."""
+    def site_data(self, site: int, held_out: bool = False) -> Path:
+        """The site's own data file (or its held-out file), written once: the built-in
+        synthetic clinic rows."""
         import json
 
         from fedslm.data.clinic import generate_site
 
-        path = self.root / f"site-{site}-data.jsonl"
+        path = self.root / f"site-{site}-{'eval' if held_out else 'data'}.jsonl"
         if not path.exists():
-            rows = generate_site(site, self.site_examples, seed=0)
+            n = self.site_eval_examples if held_out else self.site_examples
+            rows = generate_site(site, n, seed=1 if held_out else 0)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 

@@ -51,6 +51,8 @@ def run(poll_s: float, supernode_args: list[str], pull_timeout_s: float = 60.0) 
               "(--poll-s and --pull-timeout-s not applied)", file=sys.stderr)
     else:
         loop.time = _CappedSleep(poll_s)
-        loop.pull_objects = functools.partial(loop.pull_objects, max_time=pull_timeout_s)
+        # and no 1 s first back-off for content the SuperLink is still storing
+        loop.pull_objects = functools.partial(loop.pull_objects, max_time=pull_timeout_s, initial_backoff=0.05,
+                                              backoff_cap=min(10.0, poll_s * 10))
     sys.argv = ["flower-supernode", *supernode_args]
     flower_supernode()

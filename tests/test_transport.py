@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from fedslm.config import FederationConfig
 from fedslm.transport import from_record, record_bytes, to_record
@@ -38,3 +40,38 @@ def test_fp16_round_trip_is_close_and_bf16_is_cast_first():
     rounded = from_record(to_record(_adapter(), "float16"))
     for key in exact:
         torch.testing.assert_close(rounded[key], exact[key], rtol=1e-3, atol=1e-7)
+
+
+def test_an_adapter_travels_as_one_array_and_comes_back_by_name():
+    """Flower moves each Array of a message as its own objects, one request per hop: the
+    whole adapter is one array (a handful of objects, not two per tensor), and the names,
+    shapes and values come back exactly."""
+    from flwr.app import RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    tensors = _adapter()
+    record = to_record(tensors, "float32")
+    assert len(record) == 1
+    assert len(get_all_nested_objects(RecordDict({"arrays": record}))) <= 4
+    plain = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+    assert len(get_all_nested_objects(RecordDict({"arrays": plain}))) >= 2 * len(tensors)
+    back = from_record(record)
+    assert list(back) == sorted(tensors)
+    for k, t in tensors.items():
+        assert torch.equal(back[k], t)
+    # the same adapter in any dict order is the same record (Flower pairs arrays by key)
+    shuffled = dict(reversed(list(tensors.items())))
+    assert list(to_record(shuffled)) == list(record)
+    # a record of plain named arrays (Flower's own tools) reads as well
+    assert all(torch.equal(from_record(plain)[k], t) for k, t in tensors.items())
+
+
+def test_a_forged_layout_is_an_error_not_a_misread():
+    from fedslm.transport import LAYOUT, named_arrays
+
+    record = to_record(_adapter(), "float16")
+    key = next(iter(record.keys()))
+    flat = record[key].numpy()
+    for bad_key in (LAYOUT + "not json", LAYOUT + '[["a", [3, 3]]]', key.replace("16]", "17]", 1)):
+        with pytest.raises(ValueError, match="layout"):
+            named_arrays(ArrayRecord({bad_key: Array(flat)}))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fedslm.lora.schemes import Scheme, SiteUpdate
+from fedslm.transport import named_arrays
 
 WEIGHT_KEY = "num-examples"
 
@@ -37,15 +38,17 @@ def reply_problem(content, scheme: Scheme, global_rank: int, needs_weight: bool 
         return (f"the site's frozen A differs from the coordinator's (a_digest {metrics.get('a_digest')!r}, expected "
                 f"{frozen_a}): another lora.init_seed, base model or target modules")
     expected = scheme.reply_shapes(rank)
-    arrays = content.array_records["arrays"]
+    try:
+        arrays = named_arrays(content.array_records["arrays"])
+    except ValueError as err:
+        return str(err)
     keys = set(arrays.keys())
     if keys != set(expected):
         return (f"adapter keys differ from those of a rank-{rank} {scheme.name} adapter: "
                 f"{len(set(expected) - keys)} missing, {len(keys - set(expected))} unexpected")
-    for key, arr in arrays.items():
-        if tuple(arr.shape) != expected[key]:
-            return f"{key}: shape {tuple(arr.shape)}, expected {expected[key]} for rank {rank}"
-        values = arr.numpy()
+    for key, values in arrays.items():
+        if tuple(values.shape) != expected[key]:
+            return f"{key}: shape {tuple(values.shape)}, expected {expected[key]} for rank {rank}"
         if values.dtype not in (np.float32, np.float16):
             return f"{key}: dtype {values.dtype}, expected float32 or float16"
         if not np.isfinite(values).all():

@@ -94,7 +94,7 @@ def setup(cfg: RunConfig, echo=print) -> ServerRun:
                     start_arrays=to_record(initial_adapter, "float32"), start_adapter=initial_adapter)
     if ckpt:
         run.start_arrays = ckpt.restore(checkpoint_parts(run))
-        run.start_adapter = {k: v.float() for k, v in ckpt.arrays.items()}
+        run.start_adapter = from_record(run.start_arrays)
     echo(
         f"federation: {fed.sites} sites x {fed.rounds} rounds ({per_round} training per round), "
         f"strategy {describe_strategy(cfg)}, LoRA r={cfg.lora.r}"

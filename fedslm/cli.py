@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sn = sub.add_parser("supernode", help="site: Flower's flower-supernode with its idle waits capped at --poll-s "
                         "(arguments after -- are flower-supernode's)")
-    sn.add_argument("--poll-s", type=float, default=0.2,
+    sn.add_argument("--poll-s", type=float, default=0.5,
                     help="longest wait between asking the SuperLink for messages (Flower's own: 3 s)")
     sn.add_argument("--pull-timeout-s", type=float, default=60.0,
                     help="give up a message whose content the SuperLink no longer has (Flower's own: 7200 s)")

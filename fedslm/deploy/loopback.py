@@ -126,7 +126,7 @@ class Loopback:
     workers: dict[int, Proc] = field(default_factory=dict)
     node_ports: dict[int, int] = field(default_factory=dict)
     signature: str | None = None  # `app-signature` of this repository's app, made at the first run
-    poll_s: float = 0.2  # the SuperNodes' idle wait (fedslm supernode --poll-s)
+    poll_s: float = 0.5  # the SuperNodes' idle wait (fedslm supernode --poll-s)
 
     def __post_init__(self):
         self.root = Path(self.root)

@@ -66,7 +66,7 @@ class SiteWorker:
     trusted_entities: Path
     root_certificates: Path | None = None  # when the Runtime API serves TLS
     auth_secret_file: Path | None = None  # the SuperNode's --superexec-auth-secret-file
-    poll_s: float = 0.1  # a local call: cheap
+    poll_s: float = 0.25  # a local call, but every site pays it all the time
     hosts: dict[int, _Host] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -45,11 +45,13 @@ def named_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     account for its values exactly (a malformed or forged reply)."""
     if len(record) == 1 and (key := next(iter(record.keys()))).startswith(LAYOUT):
         flat = record[key].numpy().reshape(-1)
-        try:
+        try:  # the key comes from another party: anything unexpected in it is a malformed layout
             layout = json.loads(key[len(LAYOUT):])
-            sizes = [math.prod(int(d) for d in shape) for _, shape in layout]
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"the packed adapter's layout is malformed ({err})") from None
+            if not all(isinstance(n, str) and all(type(d) is int for d in shape) for n, shape in layout):
+                raise ValueError("names must be strings and dimensions integers")
+            sizes = [math.prod(shape) for _, shape in layout]
+        except Exception as err:  # noqa: BLE001 - incl. RecursionError from deeply nested JSON
+            raise ValueError(f"the packed adapter's layout is malformed ({type(err).__name__})") from None
         if any(s < 0 for s in sizes) or sum(sizes) != flat.size:
             raise ValueError(f"the packed adapter's layout describes {sum(sizes)} values, the array holds {flat.size}")
         out, offset = {}, 0

@@ -210,14 +210,27 @@ def test_a_site_with_a_spent_budget_is_marked_exhausted_behind_the_dp_wrapper(ti
             if msg.error.reason.startswith("BudgetExceededError"):
                 self.exhausted.add(msg.metadata.src_node_id)
 
+        def reply_problem(self, msg):  # node 4 sends arrays Flower's clipping would choke on
+            return "shape (9, 9), expected (4, 8)" if msg.metadata.src_node_id == 4 else None
+
+        class recorder:
+            rejected_log: list = []
+
+            @classmethod
+            def rejected(cls, server_round, node, reason):
+                cls.rejected_log.append((node, reason))
+
     def reply(node: int, error: str | None = None) -> Message:
         request = Message(RecordDict(), dst_node_id=node, message_type="train")
         return Message(Error(code=1000, reason=error), reply_to=request) if error else Message(RecordDict(), reply_to=request)
 
     wrapper, core = Wrapper(), Core()
-    out = SiteErrorsFirst(wrapper, core).aggregate_train(3, [reply(1), reply(2, "BudgetExceededError: spent"), reply(3)])
+    out = SiteErrorsFirst(wrapper, core).aggregate_train(
+        3, [reply(1), reply(2, "BudgetExceededError: spent"), reply(3), reply(4)])
     assert out == ("aggregated", None) and core.exhausted == {2}
+    # a malformed update is rejected before Flower's DP wrapper ever sees it
     assert [m.metadata.src_node_id for m in wrapper.seen] == [1, 3]
+    assert core.recorder.rejected_log == [(4, "invalid update: shape (9, 9), expected (4, 8)")]
 
 
 def test_a_site_lost_for_good_does_not_stall_the_run_with_the_default_min_sites(tiny_cfg, capsys):

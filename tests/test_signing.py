@@ -107,7 +107,7 @@ def test_an_app_changed_after_signing_is_refused(app, keys):
 
 def test_a_malformed_signature_is_refused(app, keys):
     _, trusted, _ = keys
-    for bad in ("nonsense", "a:b:c", "a:1"):
+    for bad in ("nonsense", "a:b:c", "a:1", f"{list(trusted)[0]}:-1:AAAA", f"{list(trusted)[0]}:{2**70}:AAAA"):
         with pytest.raises(UnsignedAppError, match="malformed"):
             check_fab(app, bad, trusted)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
@@ -72,6 +74,9 @@ def test_a_forged_layout_is_an_error_not_a_misread():
     record = to_record(_adapter(), "float16")
     key = next(iter(record.keys()))
     flat = record[key].numpy()
-    for bad_key in (LAYOUT + "not json", LAYOUT + '[["a", [3, 3]]]', key.replace("16]", "17]", 1)):
+    forged = (LAYOUT + "not json", LAYOUT + '[["a", [3, 3]]]', key.replace("16]", "17]", 1),
+              LAYOUT + "[" * 100_000,  # deep nesting: RecursionError inside json, not a crash of the server
+              LAYOUT + json.dumps([["a", [float(flat.size)]]]), LAYOUT + json.dumps([["a", [True] * 1]]))
+    for bad_key in forged:
         with pytest.raises(ValueError, match="layout"):
             named_arrays(ArrayRecord({bad_key: Array(flat)}))

@@ -21,7 +21,9 @@ def nginx_config(listen: str, superlink: str, cert: Path, key: Path, ca: Path, p
     """A complete nginx.conf. `listen` is the public host:port the sites dial (the name the
     certificate is for), `superlink` the SuperLink's 127.0.0.1:port. `prefix` puts the pid,
     logs and temporary files in one directory (tests); without it nginx's defaults apply."""
-    host = superlink.rsplit(":", 1)[0]
+    # nginx checks the SuperLink's certificate against the public name: the certificate the
+    # sites already trust (`fedslm certs --host PUBLIC --host 127.0.0.1`)
+    host = listen.rsplit(":", 1)[0]
     local = "" if prefix is None else f"""pid {prefix}/nginx.pid;
 error_log {prefix}/error.log;
 """

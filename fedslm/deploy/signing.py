@@ -121,7 +121,7 @@ def check_fab(fab: bytes, signature: str, trusted: dict[str, ed25519.Ed25519Publ
     try:
         kid, signed_at, sig = signature.split(":")
         message, raw = _message(bytes.fromhex(digest), int(signed_at)), _unb64url(sig)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UnsignedAppError(f"{SIGNATURE_KEY} is malformed (want KEY_ID:SIGNED_AT:SIGNATURE)") from None
     if kid not in trusted:
         raise UnsignedAppError(f"the app (FAB sha256 {digest[:16]}) is signed by {kid}, a key this site does not "

@@ -113,8 +113,7 @@ class LoraStrategy(FedAvg):
             if msg.has_error():
                 self.site_error(server_round, msg)
                 continue
-            problem = reply_problem(msg.content, self.scheme, self.setup.global_rank,
-                                    needs_weight=not self.setup.uniform_weights, frozen_a=self.setup.frozen_a)
+            problem = self.reply_problem(msg)
             update = None
             if problem is None:
                 metrics = msg.content.metric_records["metrics"]
@@ -155,6 +154,10 @@ class LoraStrategy(FedAvg):
         self.recorder.aggregation_error(server_round, self.errors[server_round])
         metrics = self.train_metrics_aggr_fn([_weighted(m.content, u.weight) for m, u in updates], "weight")
         return to_record(new), metrics
+
+    def reply_problem(self, msg: Message) -> str | None:
+        return reply_problem(msg.content, self.scheme, self.setup.global_rank,
+                             needs_weight=not self.setup.uniform_weights, frozen_a=self.setup.frozen_a)
 
     def too_few(self, server_round: int, valid: int) -> bool:
         """Fewer valid replies than min_sites: the round keeps the global adapter (noted)."""
@@ -239,6 +242,10 @@ class SiteErrorsFirst(Strategy):
         for msg in replies:
             if msg.has_error():
                 self.core.site_error(server_round, msg)
+            elif problem := self.core.reply_problem(msg):
+                # Flower's clipping pairs arrays by position and subtracts with numpy's
+                # broadcasting: a reply of the wrong keys or shapes must never reach it
+                self.core.recorder.rejected(server_round, msg.metadata.src_node_id, f"invalid update: {problem}")
             else:
                 valid.append(msg)
         # checked before the wrapper, which would otherwise move its adaptive clip norm (or

@@ -20,12 +20,31 @@ one line on stdout (`done TOKEN`), so the worker knows when the host is idle.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import sys
-import time
-from pathlib import Path
+
+if __name__ == "__main__":
+    # stdout is the worker's channel, from the first byte: whatever an import, the app or a
+    # C library prints goes to stderr
+    CHANNEL = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    # the kernel ends this host when its worker dies: a host never outlives the worker (a
+    # restarted worker's new host would otherwise run beside it, both writing the ledger)
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: a supervisor that kills the worker's process group does the same
+
+import argparse  # noqa: E402 - after the channel is set up
+import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from flwr.app import Message
 from flwr.app.error import Error
@@ -69,9 +88,12 @@ class Host:
         self.certificates = root_certificates.read_bytes() if root_certificates else None
         self.signing = _load_signing()
         self.trusted = self.signing.load_trusted(trusted_entities)
-        self.fab_hash: str | None = None  # the one app this host runs, once verified
-        self.refusal: str | None = None  # why this host's app was refused, once checked
+        self.fab_hash: str | None = None  # the one app this host runs, once checked
+        self.refusal: Exception | None = None  # why it was refused (or failed to load)
         self.app = None
+        # the verified FAB is installed here, private to this host, and loaded from here: a
+        # shared apps directory could hold another install under the same name
+        self.install_root = Path(tempfile.mkdtemp(prefix="fedslm-app-"))
 
     def _client(self, token: str) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
@@ -91,19 +113,23 @@ class Host:
             try:
                 kid = self.signing.check_fab(fab.content, str(context.run_config.get(self.signing.SIGNATURE_KEY, "")),
                                              self.trusted)
+                log(f"run {run.run_id}: app {run.fab_id} {run.fab_version} (FAB sha256 {fab.hash_str[:16]}) is "
+                    f"signed by trusted key {kid}")
+                # installed from the bytes just verified, and loaded from that install, which
+                # also refuses a fab_id or fab_version other than the signed pyproject's
+                path = install_from_fab(fab.content, install_dir=self.install_root, skip_prompt=True)
+                self.app = get_load_client_app_fn(default_app_ref="", app_path=str(path), multi_app=True)(
+                    run.fab_id, run.fab_version, fab.hash_str)
             except self.signing.UnsignedAppError as err:
-                self.refusal = str(err)
+                self.refusal = err
                 log(f"REFUSED run {run.run_id}: {err}. No code of this app was run.")
+            except Exception as err:  # noqa: BLE001 - every later message of the run fails the same way
+                self.refusal = err
                 raise
-            log(f"run {run.run_id}: app {run.fab_id} {run.fab_version} (FAB sha256 {fab.hash_str[:16]}) is signed "
-                f"by trusted key {kid}")
-            install_from_fab(fab.content, skip_prompt=True)
-            self.app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-                run.fab_id, run.fab_version, fab.hash_str)
         elif fab.hash_str != self.fab_hash:
             raise LoadClientAppError(f"this host serves FAB {self.fab_hash[:16]}, not {fab.hash_str[:16]}")
         if self.refusal is not None:
-            raise self.signing.UnsignedAppError(self.refusal)
+            raise self.refusal
 
     def serve_task(self, token: str) -> None:
         client = self._client(token)
@@ -153,17 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trusted-entities", type=Path, required=True)
     ap.add_argument("--root-certificates", type=Path, default=None)
     args = ap.parse_args(argv)
-    # stdout is the worker's channel; whatever the app (or a C library) prints goes to stderr
-    channel = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
     host = Host(args.runtime_api, args.trusted_entities, args.root_certificates)
-    channel.write("ready\n")
-    for line in sys.stdin:
-        token = line.strip()
-        if token:
-            host.serve_task(token)
-            channel.write(f"done {token}\n")
+    try:
+        CHANNEL.write("ready\n")
+        for line in sys.stdin:
+            token = line.strip()
+            if token:
+                host.serve_task(token)
+                CHANNEL.write(f"done {token}\n")
+    finally:
+        shutil.rmtree(host.install_root, ignore_errors=True)
     return 0
 
 

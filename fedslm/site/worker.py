@@ -14,6 +14,7 @@ This process never imports the app: it runs only the site's installed code.
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import threading
@@ -112,7 +113,9 @@ class SiteWorker:
         if self.root_certificates is not None:
             cmd += ["--root-certificates", str(self.root_certificates)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        if proc.stdout.readline().strip() != "ready":
+        ready = select.select([proc.stdout], [], [], 120)[0] and proc.stdout.readline().strip() == "ready"
+        if not ready:
+            proc.kill()
             proc.wait()
             raise RuntimeError(f"the app host for run {run_id} failed to start (exit code {proc.returncode}); "
                                "its error is above")
@@ -137,10 +140,12 @@ class SiteWorker:
                 try:
                     # the worker never waits on a host: a host stuck on one task must not
                     # keep the site from the next run
-                    if not self._host(run_id).hand(res.token):
-                        self._host(run_id).hand(res.token)  # it died just now: a new one takes the task
-                except RuntimeError as err:
-                    log(str(err))
+                    host = self._host(run_id)
+                    if not host.hand(res.token):
+                        host.stop()  # it died just now: a new one takes the task
+                        self._host(run_id).hand(res.token)
+                except Exception as err:  # noqa: BLE001 - one task's failure must not end the site's worker
+                    log(f"run {run_id}: task {res.task.task_id} could not be handed to an app host: {err}")
         finally:
             for host in self.hosts.values():
                 host.stop()

@@ -120,7 +120,7 @@ def test_server_cert_verifies_for_its_host_only(tmp_path):
     assert bad.returncode != 0
 
 
-def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_capped(monkeypatch):
+def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_paced(monkeypatch):
     """The idle poll (Flower: 3 s) and the content pull of a message (Flower: up to 2 h, which
     left a SuperNode deaf after a coordinator restart) are capped; everything else is
     flower-supernode's own, with its own arguments."""
@@ -144,13 +144,36 @@ def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_capped(monkeypat
         started = time.monotonic()
         loop.time.sleep(3)  # what the loop does when no message is waiting
         seen["slept"] = time.monotonic() - started
+        started = time.monotonic()
+        loop.time.sleep(0.5)  # what it does while the app works on a message
+        seen["reply_look"] = time.monotonic() - started
+        loop._push_messages()  # a reply went out: the next message is looked for at once
+        seen["after_reply"] = [loop.time.idle.next() for _ in range(12)]
         seen["pull_max_time"] = loop.pull_objects.keywords["max_time"]
         seen["monotonic"] = loop.time.monotonic is time.monotonic
 
     monkeypatch.setattr(cli_mod, "flower_supernode", fake_supernode)
     monkeypatch.setattr(loop, "time", time)
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(loop, "_push_messages", lambda *a, **k: None)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     run(0.05, ["--superlink", "127.0.0.1:1", "--isolation", "process"], pull_timeout_s=42.0)
     assert seen["argv"] == ["flower-supernode", "--superlink", "127.0.0.1:1", "--isolation", "process"]
     assert seen["slept"] < 1.0 and seen["pull_max_time"] == 42.0 and seen["monotonic"]
+    assert seen["reply_look"] < 0.1
+    waits = seen["after_reply"]
+    assert waits[0] <= 0.02 and waits == sorted(waits) and waits[-1] == 0.05  # quick, stretching to --poll-s
+
+
+def test_backoff_is_quick_after_activity_and_stretches_to_the_idle_cap():
+    from fedslm.deploy.pacing import Backoff
+
+    pace = Backoff(cap=0.5, first=0.02, growth=1.5)
+    assert pace.next() == 0.5  # nothing seen yet: idle
+    pace.reset()
+    waits = [pace.next() for _ in range(12)]
+    assert waits[0] == 0.02 and all(b == min(0.5, a * 1.5) for a, b in zip(waits, waits[1:]))
+    assert waits[-1] == 0.5 and sum(w < 0.5 for w in waits) == 8  # a handful of quick looks, then idle
+    for bad in ({"cap": 0.0}, {"cap": 0.5, "first": 1.0}, {"cap": 0.5, "growth": 0.5}):
+        with pytest.raises(ValueError, match="need 0 < first <= cap"):
+            Backoff(**bad)

@@ -4,7 +4,9 @@ Flower 1.41's deployment Grid (`HttpGrid.send_and_receive`) looks for replies ev
 so each train and each evaluate phase of a round waited 1.5 s on average after the last
 site had answered; with a small model that was most of a deployed round. The
 simulation's in-memory Grid polls every 0.1 s. This wrapper does the same push-then-pull
-loop through the Grid's own `push_messages`/`pull_messages`, at `poll_s`.
+loop through the Grid's own `push_messages`/`pull_messages`, looking 20 ms after the push
+and stretching to `poll_s` (fedslm.deploy.pacing): a small model's evaluate replies come
+within a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedslm.deploy.pacing import Backoff
 
 
 class PromptGrid(Grid):
@@ -46,6 +50,8 @@ class PromptGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
+        pace = Backoff(cap=self.poll_s)
+        pace.reset()
         replies: list[Message] = []
         while waiting:
             got = list(self.pull_messages(waiting))
@@ -53,5 +59,6 @@ class PromptGrid(Grid):
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - time.monotonic())))
+            wait = pace.next()
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         return replies

@@ -61,12 +61,13 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 # The worker hands a task over as soon as the SuperNode has the message's header, often
 # before its content: Flower's pull then backs off 1 s, doubling, for content that arrives
-# over the loopback within milliseconds. Retry at 20 ms, doubling to at most 1 s.
+# over the loopback within milliseconds. Retry at 20 ms, doubling to at most 0.1 s (a
+# local call).
 if callable(getattr(run_clientapp, "pull_and_inflate_object_from_tree", None)):
     import functools
 
     run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
-        run_clientapp.pull_and_inflate_object_from_tree, initial_backoff=0.02, backoff_cap=1.0)
+        run_clientapp.pull_and_inflate_object_from_tree, initial_backoff=0.02, backoff_cap=0.1)
 
 SIGNING = Path(__file__).resolve().parent.parent / "deploy" / "signing.py"
 

@@ -5,7 +5,9 @@ Flower 1.41's SuperNode asks the SuperLink for a message and, when there is none
 reply in 0.5 s steps. A fedslm round sends each site two messages (train, then
 evaluate), each a moment after the server has the previous replies, so the SuperNode had
 just gone to sleep each time: about 2.5 s lost per message, 5-6 s per round, which was
-most of a deployed round with a small model.
+most of a deployed round with a small model. Here the idle wait is paced
+(fedslm.deploy.pacing: 20 ms right after this site replied, stretching to --poll-s) and
+the look for the reply is every 20 ms.
 
 A second wait is the one for a message's content: a SuperLink killed while a SuperNode
 pulled a message leaves the SuperNode retrying objects the restarted SuperLink no longer
@@ -14,9 +16,10 @@ gives up after `--pull-timeout-s` (Flower then drops that message and goes on); 
 SuperLink makes a message pullable only once its content is stored, so a healthy pull
 never waits.
 
-This runs Flower's `flower-supernode` entry point unchanged except for those two limits. The price is load on the SuperLink: each idle site asks it for
-messages 1/poll_s times a second (3 sites at 0.2 s: 15 requests/s; 100 sites: 500/s, where
-a longer poll is the better choice). Every argument after `--` is flower-supernode's.
+This runs Flower's `flower-supernode` entry point unchanged except for those waits. The
+price is load on the SuperLink: each idle site asks it for messages 1/poll_s times a
+second (3 sites at 0.5 s: 6 requests/s; 100 sites: 200/s, where a longer poll is the
+better choice), plus about ten quick asks after each of its replies. Every argument after `--` is flower-supernode's.
 """
 
 from __future__ import annotations
@@ -25,15 +28,23 @@ import sys
 import time as _time
 
 
-class _CappedSleep:
+class _Pacing:
     """Stands in for the `time` module inside Flower's SuperNode loop: every attribute is
-    time's own, except that sleep() never waits longer than `cap` seconds."""
+    time's own, except sleep(). Flower sleeps 3 s when the SuperLink had no message: here
+    `idle` decides, quick right after this site replied (the next message of the round
+    follows within moments), stretching to poll_s. It sleeps 0.5 s between looks at its
+    own in-memory state for the app's reply or an object's content: here `LOCAL_POLL_S`,
+    as such a look costs microseconds and the reply is what the whole round waits for."""
 
-    def __init__(self, cap: float):
-        self.cap = cap
+    LOCAL_POLL_S = 0.02
+
+    def __init__(self, poll_s: float):
+        from fedslm.deploy.pacing import Backoff
+
+        self.idle = Backoff(cap=poll_s)
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(min(seconds, self.cap))
+        _time.sleep(self.idle.next() if seconds >= 1 else min(seconds, self.LOCAL_POLL_S))
 
     def __getattr__(self, name):
         return getattr(_time, name)
@@ -50,7 +61,17 @@ def run(poll_s: float, supernode_args: list[str], pull_timeout_s: float = 60.0) 
         print("fedslm supernode: flwr's SuperNode loop has changed; running it with its own waits "
               "(--poll-s and --pull-timeout-s not applied)", file=sys.stderr)
     else:
-        loop.time = _CappedSleep(poll_s)
+        pacing = _Pacing(poll_s)
+        loop.time = pacing
+        push = loop._push_messages
+
+        def push_then_listen(*args, **kwargs):
+            try:
+                return push(*args, **kwargs)
+            finally:
+                pacing.idle.reset()
+
+        loop._push_messages = push_then_listen
         # and no 1 s first back-off for content the SuperLink is still storing
         loop.pull_objects = functools.partial(loop.pull_objects, max_time=pull_timeout_s, initial_backoff=0.05,
                                               backoff_cap=min(10.0, poll_s * 10))

@@ -127,15 +127,20 @@ class SiteWorker:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
 
+        from fedslm.deploy.pacing import Backoff
+
         client = self._client()
         log(f"serving the SuperNode at {self.runtime_api}; apps must be signed by one of: "
             f"{', '.join(self.trusted_ids)}")
+        # a round's next message follows this site's reply within moments: look again soon
+        pace = Backoff(cap=self.poll_s)
         try:
             while True:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 if not (res.HasField("task") and res.token):
-                    time.sleep(self.poll_s)
+                    pace.wait()
                     continue
+                pace.reset()
                 run_id = res.task.run_id
                 try:
                     # the worker never waits on a host: a host stuck on one task must not

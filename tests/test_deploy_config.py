@@ -177,3 +177,56 @@ def test_backoff_is_quick_after_activity_and_stretches_to_the_idle_cap():
     for bad in ({"cap": 0.0}, {"cap": 0.5, "first": 1.0}, {"cap": 0.5, "growth": 0.5}):
         with pytest.raises(ValueError, match="need 0 < first <= cap"):
             Backoff(**bad)
+
+
+def test_prompt_grid_fetches_reply_content_without_flowers_one_second_backoff(monkeypatch):
+    """Flower's deployment Grid retried a reply's not-yet-uploaded content after 1 s,
+    doubling; PromptGrid makes that module's pull retry from 20 ms (and leaves other
+    grids' modules alone)."""
+    import functools
+
+    import flwr.superlink.grid.http_grid as http_grid
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedslm.server.grid import PromptGrid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    PromptGrid(HttpGrid.__new__(HttpGrid), poll_s=0.2)
+    pull = http_grid.pull_objects
+    assert isinstance(pull, functools.partial) and pull.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.2}
+    PromptGrid(HttpGrid.__new__(HttpGrid), poll_s=0.2)  # a second wrap does not stack
+    assert http_grid.pull_objects is pull
+
+
+def test_prompt_grid_returns_every_reply_and_keeps_the_timeout():
+    import time
+    from types import SimpleNamespace
+
+    from fedslm.server.grid import PromptGrid
+
+    class SlowSites:
+        """Each site's reply becomes available at its own time after the push."""
+
+        def __init__(self, ready_after):
+            self.ready_after, self.pulls = ready_after, 0
+
+        def push_messages(self, messages):
+            self.t0 = time.monotonic()
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            now = time.monotonic() - self.t0
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)
+                    if now >= self.ready_after[i]]
+
+    sites = SlowSites({"m0": 0.0, "m1": 0.05, "m2": 0.3})
+    t = time.monotonic()
+    got = PromptGrid(sites, poll_s=0.2).send_and_receive([object()] * 3)
+    took = time.monotonic() - t
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["m0", "m1", "m2"]
+    assert took < 0.3 + 0.2 + 0.1 and sites.pulls < 15  # the last reply is seen within one idle poll
+    late = SlowSites({"m0": 0.0, "m1": 5.0})
+    t = time.monotonic()
+    got = PromptGrid(late, poll_s=0.2).send_and_receive([object()] * 2, timeout=0.4)
+    assert [m.metadata.reply_to_message_id for m in got] == ["m0"] and time.monotonic() - t < 0.8

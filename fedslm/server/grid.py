@@ -20,10 +20,25 @@ from flwr.serverapp import Grid
 from fedslm.deploy.pacing import Backoff
 
 
+def _prompt_object_pulls(grid: Grid, poll_s: float) -> None:
+    """The deployment Grid fetches a reply's content with Flower's pull_objects, which
+    waits 1 s, doubling, for content the site is still uploading: a reply seen a moment
+    before its upload ended arrived a second late. The module's own function, with
+    retries from 20 ms up to poll_s (this process only: it is the ServerApp's)."""
+    import functools
+    import sys
+
+    module = sys.modules.get(type(grid).__module__)
+    pull = getattr(module, "pull_objects", None)
+    if callable(pull) and not isinstance(pull, functools.partial):
+        module.pull_objects = functools.partial(pull, initial_backoff=0.02, backoff_cap=poll_s)
+
+
 class PromptGrid(Grid):
     def __init__(self, inner: Grid, poll_s: float = 0.2):
         self.inner = inner
         self.poll_s = poll_s
+        _prompt_object_pulls(inner, poll_s)
 
     def set_run(self, run) -> None:
         self.inner.set_run(run)

@@ -5,9 +5,9 @@ Flower 1.41's SuperNode asks the SuperLink for a message and, when there is none
 reply in 0.5 s steps. A fedslm round sends each site two messages (train, then
 evaluate), each a moment after the server has the previous replies, so the SuperNode had
 just gone to sleep each time: about 2.5 s lost per message, 5-6 s per round, which was
-most of a deployed round with a small model. Here the idle wait is paced
-(fedslm.deploy.pacing: 20 ms right after this site replied, stretching to --poll-s) and
-the look for the reply is every 20 ms.
+most of a deployed round with a small model. Here both waits are paced
+(fedslm.deploy.pacing: 20 ms right after this site took a message or replied,
+stretching to --poll-s).
 
 A second wait is the one for a message's content: a SuperLink killed while a SuperNode
 pulled a message leaves the SuperNode retrying objects the restarted SuperLink no longer
@@ -33,18 +33,17 @@ class _Pacing:
     time's own, except sleep(). Flower sleeps 3 s when the SuperLink had no message: here
     `idle` decides, quick right after this site replied (the next message of the round
     follows within moments), stretching to poll_s. It sleeps 0.5 s between looks at its
-    own in-memory state for the app's reply or an object's content: here `LOCAL_POLL_S`,
-    as such a look costs microseconds and the reply is what the whole round waits for."""
-
-    LOCAL_POLL_S = 0.02
+    own state for the app's reply: here `reply` decides, quick right after the message
+    was taken (an evaluate message is served in milliseconds), stretching to poll_s (a
+    training message takes seconds to minutes, and the looks must not take CPU from it)."""
 
     def __init__(self, poll_s: float):
         from fedslm.deploy.pacing import Backoff
 
-        self.idle = Backoff(cap=poll_s)
+        self.idle, self.reply = Backoff(cap=poll_s), Backoff(cap=poll_s)
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(self.idle.next() if seconds >= 1 else min(seconds, self.LOCAL_POLL_S))
+        _time.sleep((self.idle if seconds >= 1 else self.reply).next())
 
     def __getattr__(self, name):
         return getattr(_time, name)
@@ -66,6 +65,7 @@ def run(poll_s: float, supernode_args: list[str], pull_timeout_s: float = 60.0) 
         push = loop._push_messages
 
         def push_then_listen(*args, **kwargs):
+            pacing.reply.reset()  # a message was just taken: its reply is looked for at once
             try:
                 return push(*args, **kwargs)
             finally:

@@ -236,3 +236,10 @@ def test_packing_is_refused_under_dp_with_the_reason(tiny_cfg):
     tiny_cfg.privacy.enabled = False
     tiny_cfg.lora.dropout = 0.0
     validate(tiny_cfg)
+
+
+@pytest.mark.parametrize("key,value", [("eval_every", 0), ("eval_limit", -1)])
+def test_evaluation_cadence_is_checked(tiny_cfg, key, value):
+    setattr(tiny_cfg.federation, key, value)
+    with pytest.raises(ConfigError, match=f"federation.{key}: got {value}"):
+        validate(tiny_cfg)

@@ -255,3 +255,23 @@ def test_a_site_lost_for_good_does_not_stall_the_run_with_the_default_min_sites(
     assert out.count("2 of the 3 sites waited for are online after 1s") >= 2
     assert "only 2 valid replies (< min 3); global adapter unchanged" in out
     assert {node for _, node in grid.delivered} == {FIRST_NODE_ID + 17, FIRST_NODE_ID + 34}
+
+
+def test_evaluation_cadence_and_row_limit(tiny_cfg, tmp_path):
+    """eval_every=2 over 3 rounds: held-out losses after rounds 0, 2 and 3 only; round 2
+    scores the first 2 rows (its loss differs from a full pass), rounds 0 and 3 every row."""
+    tiny_cfg.federation.sites, tiny_cfg.federation.rounds = 2, 3
+    tiny_cfg.federation.eval_every = 2
+    tiny_cfg.privacy.enabled = False  # the two runs below must train identically
+    curves = {}
+    for limit in (2, 0):
+        tiny_cfg.federation.eval_limit = limit
+        tiny_cfg.output_dir = str(tmp_path / f"limit-{limit}")
+        summary = run_in_process(tiny_cfg)
+        assert summary["rounds"] == 3
+        curves[limit] = {int(s): {int(r): v for r, v in c.items()} for s, c in summary["eval_loss_per_site"].items()}
+    for site in (0, 1):
+        limited, full = curves[2][site], curves[0][site]
+        assert sorted(limited) == sorted(full) == [0, 2, 3]
+        assert limited[0] == pytest.approx(full[0]) and limited[3] == pytest.approx(full[3])
+        assert limited[2] != pytest.approx(full[2], abs=1e-6)

@@ -138,6 +138,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(f.rounds >= 1, "federation.rounds", f"got {f.rounds}, must be >= 1")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", f"got {f.fraction_train}, must be in (0, 1]")
     need(0 < f.fraction_evaluate <= 1, "federation.fraction_evaluate", f"got {f.fraction_evaluate}, must be in (0, 1]")
+    need(f.eval_every >= 1, "federation.eval_every",
+         f"got {f.eval_every}, must be >= 1 (1 = every round; round 0 and the last round are always evaluated)")
+    need(f.eval_limit >= 0, "federation.eval_limit", f"got {f.eval_limit}, must be >= 0 (0 = every held-out row)")
     need(0 <= f.sites_per_round <= f.sites, "federation.sites_per_round",
          f"got {f.sites_per_round}, must be in [0, federation.sites={f.sites}] (0 = use fraction_train)")
     need(0 <= f.min_sites <= f.sites, "federation.min_sites",

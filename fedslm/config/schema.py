@@ -165,6 +165,13 @@ class FederationConfig:
     # Share of the sites asked to evaluate each round (at least the round's training
     # count): with hundreds of sites, asking every one each round dominates the round.
     fraction_evaluate: float = 1.0
+    # Sites score their held-out rows after round 0, every eval_every-th round and the last
+    # round: on a CPU a full held-out pass can cost more than the round's training.
+    eval_every: int = 1
+    # Rows each site scores in those intermediate evaluations (the first N of its held-out
+    # split); round 0 and the last round score every row, so the run's start and end figures
+    # are whole. 0 = every row every time.
+    eval_limit: int = 0
     # Rounds go on only if at least this many sites reply; 0 means all sites.
     min_sites: int = 0
     cpus_per_site: float = 1.0

@@ -122,6 +122,10 @@ class TokenizedDataset(Dataset):
         table = datasets.Dataset.from_list(records) if records else datasets.Dataset.from_dict({"text": []})
         return tokenize_table(tokenizer, table, max_length, system_prompt)
 
+    def head(self, n: int) -> "TokenizedDataset":
+        """The first n examples (the same ones every time)."""
+        return TokenizedDataset(self.table.select(range(min(n, len(self)))), self.truncated, self.dropped)
+
     def __len__(self) -> int:
         return len(self.table)
 

@@ -181,8 +181,10 @@ class LoraStrategy(FedAvg):
             # the round's final global adapter: after any server optimiser or DP wrapper
             rank, alpha, tensors = self.scheme.peft_view(from_record(arrays))
             self.recorder.global_adapter(server_round, tensors, {"rank": str(rank), "alpha": str(alpha)})
-        if self.fraction_evaluate == 0.0:
+        limit = self.setup.evaluation(server_round)
+        if self.fraction_evaluate == 0.0 or limit is None:
             return []
+        config["eval-limit"] = limit
         down = self._downlink(arrays)
         nodes = self.online_nodes(server_round, grid)
         want = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
@@ -326,7 +328,8 @@ class LoraSetup:
     """What LoraStrategy needs beyond FedAvg's arguments."""
 
     def __init__(self, scheme: Scheme, recorder: RunRecorder, st: StrategyConfig, *, transport_dtype: str = "float32",
-                 uniform_weights: bool = False, per_round: int = 0, seed: int = 0, wait_s: float = 60.0):
+                 uniform_weights: bool = False, per_round: int = 0, seed: int = 0, wait_s: float = 60.0,
+                 rounds: int = 0, eval_every: int = 1, eval_limit: int = 0):
         self.scheme = scheme
         self.recorder = recorder
         self.rule = st.aggregator
@@ -340,12 +343,20 @@ class LoraSetup:
         self.per_round = per_round
         self.seed = seed
         self.wait_s = wait_s  # how long a round waits for the sites it needs (federation.timeout_s)
+        self.rounds, self.eval_every, self.eval_limit = rounds, eval_every, eval_limit
         # FFA: the fingerprint every site's frozen A must match (computed once, not per reply)
         self.frozen_a = None if scheme.trains_a else a_digest(scheme.init)
 
     @property
     def global_rank(self) -> int:
         return self.scheme.rank
+
+    def evaluation(self, server_round: int) -> int | None:
+        """How many held-out rows each site scores after `server_round` (0 = all of them),
+        or None: no evaluation this round. The base model and the last round get every row."""
+        if server_round == 0 or server_round == self.rounds:
+            return 0
+        return self.eval_limit if server_round % self.eval_every == 0 else None
 
 
 def build_strategy(setup: LoraSetup, st: StrategyConfig, **fedavg_kwargs) -> LoraStrategy:
@@ -360,7 +371,8 @@ def build_strategy(setup: LoraSetup, st: StrategyConfig, **fedavg_kwargs) -> Lor
 def strategy_for(cfg: RunConfig, scheme: Scheme, recorder: RunRecorder, per_round: int, min_sites: int) -> LoraStrategy:
     setup = LoraSetup(scheme, recorder, cfg.strategy, transport_dtype=cfg.federation.transport_dtype,
                       uniform_weights=cfg.privacy.enabled or cfg.privacy.client_level, per_round=cfg.federation.sites_per_round, seed=cfg.seed,
-                      wait_s=cfg.federation.timeout_s)
+                      wait_s=cfg.federation.timeout_s, rounds=cfg.federation.rounds,
+                      eval_every=cfg.federation.eval_every, eval_limit=cfg.federation.eval_limit)
     return build_strategy(
         setup, cfg.strategy,
         fraction_train=cfg.federation.fraction_train,

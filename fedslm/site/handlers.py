@@ -134,6 +134,9 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig | None) -> Me
     run_key = _run_key(msg, context)
     rt = runtime_for(cfg, site_rank(cfg, context, site))
     eval_ds = site_data(cfg, context, rt, setup.own_data).eval
+    limit = int(msg.content["config"].get("eval-limit", 0)) if "config" in msg.content.config_records else 0
+    if 0 < limit < len(eval_ds):
+        eval_ds = eval_ds.head(limit)  # an intermediate round's cheaper look (federation.eval_limit)
     # one release per round, counted in the ledger before it is made
     _ledger(setup, context).record_evaluation(run_key, server_round)
     load_global(rt, msg.content["arrays"])

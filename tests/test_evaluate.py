@@ -195,3 +195,38 @@ def test_chat_keeps_the_conversation(tiny_cfg, capsys):
     lines = iter(["Hi", "More"])
     history = chat(resolve_model_dir(tiny_cfg.model), max_new_tokens=4, read=read, write=seen.append)
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+
+
+def _by_hand(model, prompt: list[int], option: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + option])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(option))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama_lora"])
+def test_option_scores_read_only_real_positions_on_other_heads(arch):
+    """Scoring projects to the vocabulary only where an option token is predicted: the
+    same numbers as the model's own forward for Gemma-2 (its logits are soft-capped) and
+    for a PeftModel with trained LoRA factors."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, attn_implementation="eager"))
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1))
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    prompt, options = [5, 17, 3, 44, 9], [[12, 30, 7, 8], [61], [12, 30], [90, 2, 2]]
+    got = option_logprobs(model, prompt, options)
+    want = [_by_hand(model, prompt, o) for o in options]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)

@@ -33,20 +33,36 @@ def macro_f1(predictions: list[str], golds: list[str]) -> float:
     return total / len(classes)
 
 
+def _head(model):
+    """The decoder stack and a function from its final hidden states to next-token
+    log-probabilities, so the vocabulary projection runs only where a score is read."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's LoRA-patched model
+    head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+
+    def logprobs(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).float()
+        if cap:  # Gemma-2 caps its logits; the model's own forward does the same
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
+    return lm.base_model, logprobs
+
+
 @torch.no_grad()
 def option_logprobs(model, prompt_ids: list[int], options: list[list[int]]) -> torch.Tensor:
     """log p(option | prompt) for each option, summed over its tokens, shape (n_options,).
 
     The prompt runs once; its KV cache is repeated for the options, which run as one
     right-padded batch (padding sits after every scored token, so causal attention never
-    sees it). For 77 intent names after a 60-token prompt this is ~10x fewer tokens than
-    scoring every prompt + option sequence in full."""
+    sees it). The vocabulary projection and log-softmax, which dominate with a 49k-token
+    vocabulary, run only at the positions that predict a real option token, not at the
+    padding."""
     if not options or any(len(o) == 0 for o in options):
         raise ValueError("every option needs at least one token")
     model.eval()
-    prompt = torch.tensor([prompt_ids])
-    out = model(input_ids=prompt, use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # the prompt's prediction of each option's first token
+    decoder, logprobs = _head(model)
+    out = decoder(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    first = logprobs(out.last_hidden_state[0, -1:])[0]  # the prompt's prediction of each option's first token
     n, width = len(options), max(len(o) for o in options)
     ids = torch.zeros((n, width), dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.bool)
@@ -58,7 +74,9 @@ def option_logprobs(model, prompt_ids: list[int], options: list[list[int]]) -> t
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
         attn = torch.ones((n, len(prompt_ids) + width - 1), dtype=torch.long)
-        rest = model(input_ids=ids[:, :-1], attention_mask=attn, past_key_values=cache, use_cache=True).logits
-        logp = torch.log_softmax(rest.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        scores = scores + (logp * mask[:, 1:]).sum(dim=1)
+        hidden = decoder(input_ids=ids[:, :-1], attention_mask=attn, past_key_values=cache).last_hidden_state
+        real = mask[:, 1:]  # position j predicts option token j + 1
+        picked = logprobs(hidden[real]).gather(-1, ids[:, 1:][real][:, None])[:, 0]
+        rows = torch.arange(n)[:, None].expand(n, width - 1)[real]
+        scores = scores + torch.zeros(n).index_add_(0, rows, picked)
     return scores

@@ -230,3 +230,46 @@ def test_option_scores_read_only_real_positions_on_other_heads(arch):
     got = option_logprobs(model, prompt, options)
     want = [_by_hand(model, prompt, o) for o in options]
     assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama_lora"])
+def test_scorer_reused_across_prompts_matches_the_full_forward_and_its_argmax(arch):
+    """One scorer, a shared prompt start in its cache, prompts of different lengths one
+    after another: every option's score is the full forward's (options share prefixes,
+    one is a prefix of another), and the pruned search picks the same option as the
+    argmax over all scores, including on a model sharpened so most prefixes are pruned."""
+    from fedslm.use.scoring import OptionScorer
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0, sliding_window=64))
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1))
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    shared = [5, 17, 3]
+    options = [[12, 30, 7, 8], [61, 5], [12, 30], [90, 2], [12, 31, 7], [61, 4, 4, 4, 4]]
+    prompts = [shared + [44, 9], shared + [1], shared + [8, 8, 8, 8, 8, 8, 2], shared + [44, 9], shared + [70, 3, 21]]
+    picks = []
+    for sharpen in (1.0, 40.0):  # 40: peaked next-token distributions, the search's pruning case
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(sharpen)  # tied to the input embeddings on Gemma-2
+        scorer = OptionScorer(model, options, shared)
+        for prompt in prompts:
+            want = [_by_hand(model, prompt, o) for o in options]
+            got = scorer.scores(prompt)
+            assert got.tolist() == pytest.approx(want, abs=1e-4)
+            picks.append(scorer.best(prompt, wave=1))
+            assert picks[-1] == max(range(len(options)), key=want.__getitem__)
+    assert len(set(picks)) > 1  # the prompts and sharpening do move the answer
+    with pytest.raises(ValueError, match="shared prefix"):
+        scorer.scores([5, 17, 4, 1])

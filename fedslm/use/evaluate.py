@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fedslm.data.tokenize import TokenizedDataset, chat_prompt
 from fedslm.losses import dataset_losses
 from fedslm.use.chat import greedy_answers
 from fedslm.use.eval_data import EvalSet
-from fedslm.use.scoring import contains_answer, exact_match, macro_f1, option_logprobs
+from fedslm.use.scoring import OptionScorer, contains_answer, exact_match, macro_f1
 
 
 class EvalError(ValueError):
@@ -50,10 +51,14 @@ def choice(model, tok, es: EvalSet, progress=None) -> dict:
                         "classification data set or one with a label column)")
     eos = [tok.eos_token_id] if es.options_end_answer else []
     option_ids = [tok(o, add_special_tokens=False)["input_ids"] + eos for o in es.options]
+    prompts = [tok(chat_prompt(tok, ex["prompt"], es.system_prompt), add_special_tokens=False)["input_ids"]
+               for ex in es.examples]
+    # the system prompt and instruction every question starts with run once
+    shared = os.path.commonprefix(prompts)[:min(map(len, prompts)) - 1]
+    scorer = OptionScorer(model, option_ids, shared)
     preds = []
-    for i, ex in enumerate(es.examples):
-        prompt = tok(chat_prompt(tok, ex["prompt"], es.system_prompt), add_special_tokens=False)["input_ids"]
-        preds.append(es.options[int(option_logprobs(model, prompt, option_ids).argmax())])
+    for i, prompt in enumerate(prompts):
+        preds.append(es.options[scorer.best(prompt)])
         if progress:
             progress(i + 1, len(es.examples))
     golds = es.golds

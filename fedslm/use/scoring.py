@@ -48,35 +48,137 @@ def _head(model):
     return lm.base_model, logprobs
 
 
-@torch.no_grad()
-def option_logprobs(model, prompt_ids: list[int], options: list[list[int]]) -> torch.Tensor:
-    """log p(option | prompt) for each option, summed over its tokens, shape (n_options,).
+class _OptionTree:
+    """The options as a prefix tree of token ids. Node 0 is the end of the prompt; every
+    other node is one option prefix, and its hidden state predicts the next tokens. Options
+    that share a prefix ("card_arrival", "card_linking") share its nodes, so the shared
+    tokens run once per question, not once per option."""
 
-    The prompt runs once; its KV cache is repeated for the options, which run as one
-    right-padded batch (padding sits after every scored token, so causal attention never
-    sees it). The vocabulary projection and log-softmax, which dominate with a 49k-token
-    vocabulary, run only at the positions that predict a real option token, not at the
-    padding."""
-    if not options or any(len(o) == 0 for o in options):
-        raise ValueError("every option needs at least one token")
-    model.eval()
-    decoder, logprobs = _head(model)
-    out = decoder(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-    first = logprobs(out.last_hidden_state[0, -1:])[0]  # the prompt's prediction of each option's first token
-    n, width = len(options), max(len(o) for o in options)
-    ids = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, o in enumerate(options):
-        ids[i, :len(o)] = torch.tensor(o)
-        mask[i, :len(o)] = True
-    scores = first[ids[:, 0]]
-    if width > 1:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        attn = torch.ones((n, len(prompt_ids) + width - 1), dtype=torch.long)
-        hidden = decoder(input_ids=ids[:, :-1], attention_mask=attn, past_key_values=cache).last_hidden_state
-        real = mask[:, 1:]  # position j predicts option token j + 1
-        picked = logprobs(hidden[real]).gather(-1, ids[:, 1:][real][:, None])[:, 0]
-        rows = torch.arange(n)[:, None].expand(n, width - 1)[real]
-        scores = scores + torch.zeros(n).index_add_(0, rows, picked)
-    return scores
+    def __init__(self, options: list[list[int]]):
+        if not options or any(len(o) == 0 for o in options):
+            raise ValueError("every option needs at least one token")
+        self.token, self.parent, self.depth = [-1], [-1], [0]
+        self.children: list[dict[int, int]] = [{}]
+        self.ends: list[list[int]] = [[]]
+        for i, option in enumerate(options):
+            node = 0
+            for t in option:
+                if t not in self.children[node]:
+                    self.children[node][t] = len(self.token)
+                    self.token.append(t)
+                    self.parent.append(node)
+                    self.depth.append(self.depth[node] + 1)
+                    self.children.append({})
+                    self.ends.append([])
+                node = self.children[node][t]
+            self.ends[node].append(i)
+
+
+class OptionScorer:
+    """Scores one fixed set of options after many prompts.
+
+    The prompts' common start (the system prompt and instruction of a held-out set) runs
+    once and stays in the KV cache; each question runs only its own tokens on top of it,
+    and the options run as a prefix tree after that: each node's token sits at its depth's
+    position and attends to the prompt and its own ancestors only, through an explicit 4D
+    mask, so a node's hidden state is the one a plain forward over prompt + option gives."""
+
+    def __init__(self, model, options: list[list[int]], shared_prefix: list[int] | tuple = ()):
+        from transformers import DynamicCache
+
+        self.tree = _OptionTree(options)
+        model.eval()
+        self.decoder, self.logprobs = _head(model)
+        self.dtype = next(self.decoder.parameters()).dtype
+        # full-length layers even for sliding-window models: the tree's mask is explicit
+        self.cache, self.prefix = DynamicCache(), list(shared_prefix)
+        self.window = getattr(self.decoder.config, "sliding_window", None)
+        if self.prefix:
+            self.decoder(input_ids=torch.tensor([self.prefix]), past_key_values=self.cache, use_cache=True)
+
+    def _start(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Put a prompt in the cache (after the shared prefix); its next-token log-probs."""
+        n = len(self.prefix)
+        if list(prompt_ids[:n]) != self.prefix or len(prompt_ids) == n:
+            raise ValueError("the prompt must extend the scorer's shared prefix by at least one token")
+        longest = len(prompt_ids) + max(self.tree.depth)
+        if self.window and longest > self.window:
+            raise ValueError(f"prompt + option is {longest} tokens, longer than the model's sliding window "
+                             f"({self.window}); shorten data.max_length")
+        self.cache.crop(-(self.cache.get_seq_length() - n)) if self.cache.get_seq_length() > n else None
+        self.prompt_len, self.slot = len(prompt_ids), {}
+        out = self.decoder(input_ids=torch.tensor([prompt_ids[n:]]), position_ids=torch.arange(n, len(prompt_ids))[None],
+                           past_key_values=self.cache, use_cache=True)
+        return self.logprobs(out.last_hidden_state[0, -1:])[0]
+
+    def _run(self, nodes: list[int]) -> torch.Tensor:
+        """Log-probabilities predicted at each node, shape (len(nodes), vocab). A node's
+        ancestors must have run before or be in `nodes` ahead of it."""
+        tree, start = self.tree, self.prompt_len + len(self.slot)
+        for k, n in enumerate(nodes):
+            self.slot[n] = start + k
+        mask = torch.full((1, 1, len(nodes), start + len(nodes)), torch.finfo(self.dtype).min, dtype=self.dtype)
+        mask[..., :self.prompt_len] = 0
+        for k, n in enumerate(nodes):
+            a = n
+            while a > 0:
+                mask[0, 0, k, self.slot[a]] = 0
+                a = tree.parent[a]
+        ids = torch.tensor([[tree.token[n] for n in nodes]])
+        pos = torch.tensor([[self.prompt_len + tree.depth[n] - 1 for n in nodes]])
+        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                              use_cache=True).last_hidden_state[0]
+        return self.logprobs(hidden)
+
+    @torch.no_grad()
+    def scores(self, prompt_ids: list[int]) -> torch.Tensor:
+        """log p(option | prompt) for every option, summed over its tokens."""
+        tree = self.tree
+        root = self._start(prompt_ids)
+        inner = [n for n in range(1, len(tree.token)) if tree.children[n]]  # creation order: parents first
+        logp = {0: root, **dict(zip(inner, self._run(inner) if inner else []))}
+        score = [0.0] * len(tree.token)
+        out = torch.empty(sum(len(e) for e in tree.ends))
+        for n in range(1, len(tree.token)):
+            score[n] = score[tree.parent[n]] + logp[tree.parent[n]][tree.token[n]].item()
+            for i in tree.ends[n]:
+                out[i] = score[n]
+        return out
+
+    @torch.no_grad()
+    def best(self, prompt_ids: list[int], wave: int = 32) -> int:
+        """The index of the most likely option: the argmax of `scores`, found without
+        scoring every option.
+
+        A prefix's summed log-probability bounds every option below it (each further token
+        adds a log-probability <= 0), so the search runs the most promising prefixes first,
+        at least `wave` of them (or half of those still open) per forward, since each
+        forward streams every weight once whatever its length, and stops when no unexplored prefix can beat the best
+        complete option. Exact, not a beam: a prefix is skipped only when it cannot win."""
+        tree = self.tree
+        best, best_score = -1, float("-inf")
+        frontier: dict[int, float] = {}  # nodes whose score is known and whose children have not run
+
+        def reached(parent: int, logp: torch.Tensor, base: float) -> None:
+            nonlocal best, best_score
+            for t, child in tree.children[parent].items():
+                s = base + logp[t].item()
+                for i in tree.ends[child]:
+                    if s > best_score or (s == best_score and i < best):
+                        best, best_score = i, s
+                if tree.children[child]:
+                    frontier[child] = s
+
+        reached(0, self._start(prompt_ids), 0.0)
+        while True:
+            open_ = sorted((n for n, s in frontier.items() if s >= best_score), key=frontier.get, reverse=True)
+            if not open_:
+                return best
+            batch = open_[:max(wave, len(open_) // 2)]
+            for n, logp in zip(batch, self._run(batch)):
+                reached(n, logp, frontier.pop(n))
+
+
+def option_logprobs(model, prompt_ids: list[int], options: list[list[int]]) -> torch.Tensor:
+    """log p(option | prompt) for each option, summed over its tokens, shape (n_options,)."""
+    return OptionScorer(model, options).scores(prompt_ids)

@@ -3,6 +3,7 @@ rules, deterministic sampling, and every kind of bad reply rejected while the ro
 
 from __future__ import annotations
 
+import random
 import numpy as np
 import pytest
 import torch
@@ -444,3 +445,28 @@ def test_an_ffa_site_whose_frozen_a_differs_is_rejected(tmp_path, flower_identit
     assert strategy.aggregate_train(1, replies)[0] is not None
     assert [line.split(":")[0] for line in recorder.log[1].rejected] == ["node 101"]
     assert "frozen A differs" in recorder.log[1].rejected[0]
+
+
+def test_participation_keeps_every_site_within_its_calibrated_rounds(tmp_path, flower_identity):
+    """FlowerTune's shape: 10 sites, 2 a round. Each site is calibrated for
+    ceil(rounds x 2 / 10) rounds; the schedule never asks a site for more while others
+    have trained less, so no site refuses for budget and every round has 2 sites."""
+    from fedslm.config import FederationConfig
+    from fedslm.privacy.accounting import expected_rounds
+
+    nodes = list(range(700, 710))
+    for seed, rounds in ((3, 3), (5, 10), (8, 7)):
+        strategy, scheme, recorder = _strategy(tmp_path / f"{seed}", "ffa", min_train=1)
+        strategy.setup.seed, strategy.setup.per_round = seed, 2
+        planned = expected_rounds(FederationConfig(sites=10, rounds=rounds, sites_per_round=2))
+        g = scheme.initial_global()
+        for r in range(1, rounds + 1):
+            asked = [m.metadata.dst_node_id for m in _start_round(strategy, scheme, r, nodes, g)[0]]
+            assert len(asked) == 2
+            strategy.aggregate_train(r, [_reply(n, trained(scheme, g, RANK, n - 700), 5, n - 700) for n in asked])
+        counts = recorder.rounds_trained()
+        assert max(counts.values()) == planned and sum(counts.values()) == 2 * rounds
+        # a uniform draw over the same rounds and seeds asks some site more often
+    uniform = [random.Random(3 * 100_003 + r).sample(nodes, 2) for r in range(1, 11)]
+    assert max(sum(n in u for u in uniform) for n in nodes) > expected_rounds(
+        FederationConfig(sites=10, rounds=10, sites_per_round=2))

@@ -112,6 +112,15 @@ class RunRecorder:
             })
         return rows
 
+    def rounds_trained(self) -> dict[int, int]:
+        """site -> rounds whose training it replied to (the checkpointed record, so a
+        resumed run's schedule continues where it stopped)."""
+        out: dict[int, int] = defaultdict(int)
+        for r, rl in self.log.items():
+            for site in rl.train:
+                out[site] += 1
+        return dict(out)
+
     # --- the server's checkpoint (fedslm.server.checkpoint) ----------------------------
     def state_dict(self) -> dict:
         return {

@@ -84,14 +84,23 @@ class LoraStrategy(FedAvg):
         return nodes
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """The round's sites: drawn with a generator seeded by (seed, round) over the sites
-        sorted by site id (node ids differ between runs; site ids do not)."""
+        """The round's sites: those that have trained in the fewest rounds so far, ties
+        drawn with a generator seeded by (seed, round) over the sites sorted by site id
+        (node ids differ between runs; site ids do not).
+
+        A site's noise is calibrated for `expected_rounds` = ceil(rounds x k / sites)
+        rounds; a uniform draw asks some sites more often than that, and they refuse once
+        their budget is spent, leaving the round short. Taking the least-trained first
+        keeps every site within its planned rounds while all are online."""
         nodes = [n for n in self.online_nodes(server_round, grid) if n not in self.exhausted]
         site_of = self.recorder.node_site
         order = sorted(nodes, key=lambda n: (site_of.get(n, math.inf), n))
         want = self.setup.per_round or max(1, int(len(order) * self.fraction_train))
         k = min(len(order), max(want, self.min_train_nodes))
-        return sorted(random.Random(self.setup.seed * 100_003 + server_round).sample(order, k))
+        trained = self.recorder.rounds_trained()
+        drawn = random.Random(self.setup.seed * 100_003 + server_round).sample(order, len(order))
+        drawn.sort(key=lambda n: trained.get(site_of.get(n, -1), 0))  # stable: the draw breaks ties
+        return sorted(drawn[:k])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.recorder.round_started(server_round)

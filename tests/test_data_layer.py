@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from fedslm.config import DataConfig, PrivacyConfig, TrainConfig
 from fedslm.data.errors import DataError
@@ -77,7 +78,7 @@ def _answer_text(tok, enc):
 
 def test_instruction_with_templates_masks_the_prompt(files, tok):
     cfg = DataConfig(name="t", path=str(files / "qa.jsonl"), prompt_template="{question}\nContext: {context}",
-                     answer_template="{label}. {answer}", max_length=1024, eval_fraction=0.2)
+                     answer_template="{label}. {answer}", max_length=1024, eval_fraction=0.2, loss_on="answer")
     data = build_site_data(cfg, 0, 1, tok)
     assert len(data.train) == 24 and len(data.eval) == 6
     ids, mask = data.train[0]
@@ -85,6 +86,38 @@ def test_instruction_with_templates_masks_the_prompt(files, tok):
     assert tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True) in answers
     prompt = tok.decode(ids[~mask.bool()].tolist())
     assert "Context: ctx" in prompt and "Answer" not in prompt
+
+
+def test_loss_on_label_answer_all_and_auto(files, tok):
+    """data.loss_on: the label that starts the answer alone (auto picks it when the rows
+    have a label), the whole answer, or every token; the token sequence is the same
+    answer text either way, and an answer that does not start with its label is refused."""
+    def first(**kw):
+        cfg = DataConfig(name="t", path=str(files / "qa.jsonl"), prompt_template="{question}\nContext: {context}",
+                         answer_template="{label}. {answer}", max_length=1024, eval_fraction=0.2, **kw)
+        ids, mask = build_site_data(cfg, 0, 1, tok).train[0]
+        return ids, mask.bool()
+
+    by = {on: first(loss_on=on) for on in ("label", "auto", "answer", "all")}
+    ids, mask = by["label"]
+    label = tok.decode(ids[mask].tolist(), skip_special_tokens=True)
+    assert label in {"yes", "no", "maybe"}
+    assert torch.equal(by["auto"][1], mask) and torch.equal(by["auto"][0], ids)
+    answer_ids, answer_mask = by["answer"]
+    assert tok.decode(answer_ids[answer_mask].tolist(), skip_special_tokens=True).startswith(label + ". Answer")
+    assert answer_mask.sum() > mask.sum() and bool(by["all"][1].all())
+    # the label's tokens are the answer's first masked tokens
+    assert torch.equal(ids[mask], answer_ids[answer_mask][: int(mask.sum())])
+
+    # auto without a label column: the whole answer
+    plain = DataConfig(name="t", path=str(files / "qa.jsonl"), prompt_columns=["question"], answer_column="answer",
+                       label_column="no_such_column", max_length=1024, eval_fraction=0.2)
+    ids, mask = build_site_data(plain, 0, 1, tok).train[0]
+    assert tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).startswith("Answer ")
+    with pytest.raises(DataError, match="data.loss_on=label"):
+        build_site_data(replace(plain, loss_on="label"), 0, 1, tok)
+    with pytest.raises(ValueError, match="does not start with its label"):
+        encode(tok, {"prompt": "q", "answer": "Because. yes", "label": "yes"}, 256)
 
 
 def test_chat_shape_masks_every_assistant_turn_only(tok):

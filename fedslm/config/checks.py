@@ -17,7 +17,7 @@ from fedslm.config.schema import RunConfig
 def choices() -> dict[str, tuple[str, ...]]:
     """Each set of choices, as the module that implements it lists it (imported here, not
     at module level: a site that only parses its config need not load every implementation)."""
-    from fedslm.data.records import SHAPES
+    from fedslm.data.records import LOSS_ON, SHAPES
     from fedslm.data.sites import PARTITIONERS
     from fedslm.lora.schemes import RULES, SCHEMES
     from fedslm.model import SOURCES
@@ -32,6 +32,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {
         "model.source": tuple(SOURCES),
         "data.shape": tuple(SHAPES),
+        "data.loss_on": tuple(LOSS_ON),
         "data.partitioner": tuple(PARTITIONERS),
         "privacy.accountant": tuple(ACCOUNTANTS),
         "privacy.client_clipping": tuple(CLIPPING),
@@ -102,6 +103,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(d.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
     need(d.alpha > 0, "data.alpha", f"got {d.alpha}, must be > 0")
     need(not d.packing or d.shape == "text", "data.packing", "only works with data.shape=text")
+    need(d.loss_on != "label" or d.shape in ("instruction", "classification"), "data.loss_on",
+         f"label needs rows with a label (shape instruction or classification), not shape={d.shape}")
     if d.partitioner in ("dirichlet", "natural", "natural_sample"):
         need(bool(d.partition_by), "data.partition_by",
              f"required with data.partitioner={d.partitioner} (the column to partition by, e.g. label or source)")

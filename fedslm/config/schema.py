@@ -82,6 +82,13 @@ class DataConfig:
     instruction: str = "Classify this message. Answer with the label only."
     system_prompt: Optional[str] = None
     max_length: int = 160
+    # Which tokens carry the training (and held-out) loss: answer (the answer and its eos),
+    # label (only the label, which must start the answer: classification answers, or an
+    # instruction answer_template such as "{label}. {long_answer}"), all (every token), or
+    # auto: label when a row has data.label_column and its answer starts with it, else
+    # answer. A yes/no label is a few tokens of a long answer; under DP its share of a
+    # per-sequence mean loss is lost in the noise.
+    loss_on: str = "auto"
     # plain text only: pack whole documents into blocks of max_length (never split one)
     packing: bool = False
     eval_fraction: float = 0.1

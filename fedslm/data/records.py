@@ -18,6 +18,8 @@ from fedslm.data.errors import DataError
 
 # data.shape: what one row becomes (see the module docstring)
 SHAPES = ("instruction", "chat", "text", "classification")
+# data.loss_on: which tokens carry the loss (fedslm.data.tokenize.encode)
+LOSS_ON = ("auto", "answer", "label", "all")
 
 
 def required_columns(cfg: DataConfig) -> list[str]:
@@ -80,7 +82,7 @@ def to_example(row: dict, cfg: DataConfig, labels: list[str] | None) -> dict:
         return {"text": str(row[cfg.text_column])}
     if cfg.shape == "chat":
         return {"messages": row[cfg.messages_column]}
-    if cfg.shape == "classification":
+    if cfg.shape == "classification":  # the answer is the label: loss_on label = answer
         label = row[cfg.label_column]
         if labels is not None and isinstance(label, int):
             label = labels[label]
@@ -90,4 +92,14 @@ def to_example(row: dict, cfg: DataConfig, labels: list[str] | None) -> dict:
     else:
         prompt = "\n\n".join(str(row[c]) for c in cfg.prompt_columns)
     answer = cfg.answer_template.format(**row) if cfg.answer_template else str(row[cfg.answer_column])
-    return {"prompt": prompt, "answer": answer}
+    example = {"prompt": prompt, "answer": answer}
+    label = row.get(cfg.label_column)
+    if label is not None and labels is not None and isinstance(label, int):
+        label = labels[label]
+    # auto: the label where the answer starts with one, as "{label}. {long_answer}" does
+    if label is not None and (cfg.loss_on == "label" or cfg.loss_on == "auto" and answer.startswith(str(label))):
+        example["label"] = str(label)
+    elif cfg.loss_on == "label":
+        raise DataError(f"data.loss_on=label: the row has no {cfg.label_column!r} column (data.label_column); "
+                        "name the label column, or use data.loss_on=answer")
+    return example

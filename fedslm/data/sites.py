@@ -170,7 +170,8 @@ def build_site_data(cfg: DataConfig, site: int, num_sites: int, tokenizer, own_d
             added = extra(examples.column_names)
             if len(added):
                 examples = datasets.concatenate_datasets([examples, added.cast(examples.features)]).shuffle(seed=cfg.seed)
-        return tokenize_table(tokenizer, examples, cfg.max_length, system_prompt, packing=cfg.packing)
+        return tokenize_table(tokenizer, examples, cfg.max_length, system_prompt, packing=cfg.packing,
+                              loss_on=cfg.loss_on)
 
     return SiteData(site, rows.natural_id, tokenized(rows.train, extra_train), tokenized(rows.eval))
 

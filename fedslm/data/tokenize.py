@@ -38,17 +38,34 @@ def _finish(ids: list[int], mask: list[int], max_length: int) -> Encoded:
     return Encoded(ids[:max_length], mask[:max_length], truncated)
 
 
-def encode(tokenizer, example: dict, max_length: int, system_prompt: str | None = None) -> Encoded:
-    """One example ({prompt, answer} | {messages} | {text}) as ids and loss mask."""
+def encode(tokenizer, example: dict, max_length: int, system_prompt: str | None = None,
+           loss_on: str = "answer") -> Encoded:
+    """One example ({prompt, answer[, label]} | {messages} | {text}) as ids and loss mask.
+
+    With a `label` (data.loss_on label or auto), the answer is tokenised as label + rest
+    and only the label's tokens (and the eos, when the answer is the label alone) carry the
+    loss; loss_on=all puts it on every token."""
     eos = [tokenizer.eos_token_id]
     if "text" in example:
         ids = _ids(tokenizer, example["text"]) + eos
-        return _finish(ids, [1] * len(ids), max_length)
-    if "messages" in example:
-        return _encode_chat(tokenizer, example["messages"], max_length)
-    prompt = _ids(tokenizer, chat_prompt(tokenizer, example["prompt"], system_prompt))
-    answer = _ids(tokenizer, example["answer"]) + eos
-    return _finish(prompt + answer, [0] * len(prompt) + [1] * len(answer), max_length)
+        enc = _finish(ids, [1] * len(ids), max_length)
+    elif "messages" in example:
+        enc = _encode_chat(tokenizer, example["messages"], max_length)
+    else:
+        prompt = _ids(tokenizer, chat_prompt(tokenizer, example["prompt"], system_prompt))
+        answer, label = example["answer"], example.get("label")
+        if label is not None and answer != label:
+            if not answer.startswith(label):
+                raise ValueError(f"data.loss_on=label: an answer does not start with its label ({len(label)} "
+                                 "characters); put {label} first in data.answer_template, or use data.loss_on=answer")
+            head, rest = _ids(tokenizer, label), _ids(tokenizer, answer[len(label):]) + eos
+            enc = _finish(prompt + head + rest, [0] * len(prompt) + [1] * len(head) + [0] * len(rest), max_length)
+        else:
+            ids = _ids(tokenizer, answer) + eos
+            enc = _finish(prompt + ids, [0] * len(prompt) + [1] * len(ids), max_length)
+    if loss_on == "all":
+        enc.loss_mask = [1] * len(enc.input_ids)
+    return enc
 
 
 def _encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
@@ -72,11 +89,11 @@ def _encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
 
 
 def tokenize_table(tokenizer, examples: datasets.Dataset, max_length: int, system_prompt: str | None,
-                   packing: bool = False) -> "TokenizedDataset":
-    """Tokenise a table of examples (columns prompt/answer, messages or text)."""
+                   packing: bool = False, loss_on: str = "answer") -> "TokenizedDataset":
+    """Tokenise a table of examples (columns prompt/answer[/label], messages or text)."""
 
     def fn(row: dict) -> dict:
-        enc = encode(tokenizer, {k: v for k, v in row.items() if v is not None}, max_length, system_prompt)
+        enc = encode(tokenizer, {k: v for k, v in row.items() if v is not None}, max_length, system_prompt, loss_on)
         return {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask, "truncated": enc.truncated}
 
     mapped = examples.map(fn, remove_columns=examples.column_names, desc="tokenising")
@@ -118,9 +135,9 @@ class TokenizedDataset(Dataset):
 
     @classmethod
     def from_records(cls, tokenizer, records: list[dict], max_length: int,
-                     system_prompt: str | None = None) -> "TokenizedDataset":
+                     system_prompt: str | None = None, loss_on: str = "answer") -> "TokenizedDataset":
         table = datasets.Dataset.from_list(records) if records else datasets.Dataset.from_dict({"text": []})
-        return tokenize_table(tokenizer, table, max_length, system_prompt)
+        return tokenize_table(tokenizer, table, max_length, system_prompt, loss_on=loss_on)
 
     def head(self, n: int) -> "TokenizedDataset":
         """The first n examples (the same ones every time)."""

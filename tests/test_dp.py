@@ -143,7 +143,7 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
     gsm = GradSampleModule(pm)
     ds = _dataset(tok, 40)
-    cfg = PrivacyConfig(epsilon=8.0, delta=1e-5, grad_sample_mode="hooks")
+    cfg = PrivacyConfig(epsilon=8.0, delta=1e-5, grad_sample_mode="hooks", accountant="rdp")
     rounds, steps = 5, tiny_cfg.train.local_steps
     plan = plan_dp(cfg, tiny_cfg.train, len(ds), rounds)
     ledger, eps = PrivacyLedger(), []
@@ -151,7 +151,7 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
         stats = train_local(pm, ds, tiny_cfg.train, tok.pad_token_id, seed=r,
                             dp=DPContext(cfg, plan, ledger), grad_sample_module=gsm)
         ledger = stats.ledger
-        eps.append(ledger.epsilon(cfg.delta))
+        eps.append(ledger.epsilon(cfg.delta, "rdp"))
 
         independent = RDPAccountant()
         for _ in range((r + 1) * steps):
@@ -164,7 +164,7 @@ def test_epsilon_matches_independent_accountant_and_stays_within_target(tiny, ti
 
     # what per-round calibration would have done: the same 5 rounds end far above target
     naive_sigma = calibrate_noise(cfg, plan.sample_rate, steps)
-    naive = PrivacyLedger([(naive_sigma, plan.sample_rate, steps)] * rounds).epsilon(cfg.delta)
+    naive = PrivacyLedger([(naive_sigma, plan.sample_rate, steps)] * rounds).epsilon(cfg.delta, "rdp")
     assert naive > 1.4 * cfg.epsilon
 
     with pytest.raises(BudgetExceededError, match="privacy budget exhausted"):

@@ -96,7 +96,7 @@ class PrivacyLedger:
     def steps(self) -> int:
         return sum(h[2] for h in self.history)
 
-    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+    def epsilon(self, delta: float, accountant: str = "prv") -> float:
         if not self.history:
             return 0.0
         return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in self.history), delta, accountant)

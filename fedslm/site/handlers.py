@@ -24,7 +24,7 @@ from fedslm.privacy.dp_step import DPContext
 from fedslm.privacy.plan import check_site_size
 from fedslm.privacy.releases import DP_TRAIN_KEYS, NON_DP_TRAIN_KEYS
 from fedslm.site.evaluate import evaluate_loss
-from fedslm.site.ledger import SiteLedger, check_run_key, data_fingerprint
+from fedslm.site.ledger import LIFETIME_ACCOUNTANT, SiteLedger, check_run_key, data_fingerprint
 from fedslm.site.policy import PolicyError
 from fedslm.site.replay import ReplyCache, round_digest
 from fedslm.site.runtime import SiteSetup, load_global, runtime_for, site_data, site_id, site_rank, site_setup
@@ -91,7 +91,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
     if stats.ledger is not None:
         ledger.record_round(run_key, server_round, stats.ledger)
         eps = {name: stats.ledger.epsilon(cfg.privacy.delta, name) for name in eps}
-        lifetime = ledger.lifetime().epsilon(cfg.privacy.delta)
+        lifetime = ledger.lifetime().epsilon(cfg.privacy.delta, LIFETIME_ACCOUNTANT)
 
     values = {
         "num-examples": len(train_ds),

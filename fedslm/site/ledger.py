@@ -25,7 +25,9 @@ from fedslm.privacy.accounting import BudgetExceededError, PrivacyLedger
 
 # a run key names files on the site's disk: nothing that could leave the state dir
 RUN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
-LIFETIME_ACCOUNTANT = "rdp"
+# the lifetime budget is the site's, not the run's: one accountant for every run, the
+# tighter of Opacus's two (a run enforced with rdp composes below its rdp figure here)
+LIFETIME_ACCOUNTANT = "prv"
 
 
 class LedgerError(RuntimeError):

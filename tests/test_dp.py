@@ -294,3 +294,22 @@ def test_proximal_term_pulls_toward_the_global_adapter(tiny_cfg):
     lo, mid, hi = sorted(drift)
     assert drift[lo] > drift[mid] > 0
     assert drift[hi] < 1e-6
+
+
+def test_local_epochs_set_the_steps_from_the_sites_rows_and_the_calibration_covers_them(tiny, tiny_cfg):
+    """train.local_epochs: a site trains ceil(epochs x rows / batch) steps a round, its noise
+    is calibrated for exactly those steps over every round, and the ledger counts them."""
+    model, tok = tiny
+    ds = _dataset(tok, 30)
+    train = copy.deepcopy(tiny_cfg.train)
+    train.batch_size, train.local_epochs = 4, 1.5
+    assert train.steps_for(len(ds)) == 12 and train.steps_for(5) == 2
+    cfg = PrivacyConfig(epsilon=8.0, grad_sample_mode="hooks")
+    plan = plan_dp(cfg, train, len(ds), rounds=2)
+    assert plan.total_steps == 24
+    pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
+    stats = train_local(pm, ds, train, tok.pad_token_id, seed=2, dp=DPContext(cfg, plan, PrivacyLedger()),
+                        grad_sample_module=GradSampleModule(pm))
+    assert stats.steps == 12 and stats.ledger.steps == 12
+    twice = stats.ledger.with_round(plan.noise_multiplier, plan.sample_rate, 12)
+    assert 0.9 * cfg.epsilon < twice.epsilon(cfg.delta, cfg.accountant) <= cfg.epsilon

@@ -60,8 +60,9 @@ def test_a_run_within_the_policy_trains_on_the_sites_own_data(tiny_cfg, site, fl
     ("privacy.epsilon", 50.0, "privacy.epsilon=50.0: this site allows at most 8.0 per run"),
     ("privacy.delta", 0.01, "privacy.delta=0.01: this site allows at most 1e-05"),
     ("privacy.max_grad_norm", 1e6, "privacy.max_grad_norm=1000000.0: this site allows [0.001, 10.0]"),
-    ("train.batch_size", 100_000, "train.batch_size=100000: this site allows at most 64"),
+    ("train.batch_size", 100_000, "train.batch_size=100000: this site allows at most 1024"),
     ("train.local_steps", 10_000, "train.local_steps=10000: this site allows at most 64"),
+    ("train.local_epochs", 500.0, "train.local_epochs=500.0: this site allows at most 10.0 per round"),
     ("data.max_length", 100_000, "data.max_length=100000: this site allows at most 1024"),
     ("privacy.canaries", 4, "privacy.canaries=4: this site does not put audit canaries"),
 ])

@@ -8,6 +8,7 @@ ever drifts from `RunConfig()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -114,6 +115,10 @@ class TrainConfig:
     # Sized for a 2-core CPU (about 180 tokens/s for a DP step of SmolLM2-135M): 3 DP steps
     # of 8 examples per site and round keep the demo federation under 5 minutes.
     local_steps: int = 3
+    # Local work in passes over the site's training rows instead: ceil(epochs x rows /
+    # batch_size) steps per round (noise calibrated for that many steps x rounds), so every
+    # site trains on all it holds whatever its size. 0 = train.local_steps.
+    local_epochs: float = 0.0
     batch_size: int = 8
     # under DP noise a large step on few coordinates learns most (privacy=none: 0.01)
     lr: float = 0.1
@@ -126,6 +131,12 @@ class TrainConfig:
     # torch threads per client process; 0 = leave torch's default.
     threads: int = 1
     progress: bool = True
+
+    def steps_for(self, num_examples: int) -> int:
+        """Optimizer steps per round for a site with this many training rows."""
+        if self.local_epochs > 0:
+            return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
+        return self.local_steps
 
 
 @dataclass

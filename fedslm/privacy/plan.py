@@ -24,7 +24,7 @@ def plan_dp(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: i
     # Opacus samples each example with probability 1 / len(loader) = 1 / ceil(N / B);
     # calibrate with exactly that rate.
     sample_rate = 1.0 / math.ceil(num_examples / train.batch_size)
-    total = train.local_steps * rounds
+    total = train.steps_for(num_examples) * rounds
     return DPPlan(calibrate_noise(cfg, sample_rate, total), sample_rate, total)
 
 
@@ -59,7 +59,8 @@ def check_site_size(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, r
         low, high = (low, mid) if _noise_for(cfg, train, mid, rounds) <= cfg.max_noise_multiplier else (mid, high)
     raise DataError(
         f"site {site} has {num_examples} training examples: too few for epsilon {cfg.epsilon} over "
-        f"{train.local_steps * rounds} DP steps of batch {train.batch_size} (noise multiplier "
+        f"{train.steps_for(num_examples) * rounds} DP steps of batch {train.batch_size} (noise multiplier "
         f"{sigma:.1f} > privacy.max_noise_multiplier={cfg.max_noise_multiplier}); it needs about {high} "
-        "examples, or a larger privacy.epsilon, fewer train.local_steps/rounds, or a smaller train.batch_size"
+        "examples, or a larger privacy.epsilon, fewer train.local_steps/local_epochs/rounds, or a smaller "
+        "train.batch_size"
     )

@@ -60,12 +60,13 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
         plan = check_site_size(cfg.privacy, cfg.train, len(train_ds), expected_rounds(cfg.federation), site)
         # refuse before spending anything (raises BudgetExceededError with the numbers):
         # this run's target, then the data set's lifetime budget under the site's policy
-        ledger.run(run_key).check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+        steps = cfg.train.steps_for(len(train_ds))
+        ledger.run(run_key).check_budget(cfg.privacy, plan.noise_multiplier, plan.sample_rate, steps)
         ledger.check_lifetime(setup.policy.max_lifetime_epsilon, cfg.privacy.delta, plan.noise_multiplier,
-                              plan.sample_rate, cfg.train.local_steps)
+                              plan.sample_rate, steps)
         dp, noise, rate = DPContext(cfg.privacy, plan, ledger.run(run_key)), plan.noise_multiplier, plan.sample_rate
 
-    bar = _StepBar(cfg, site, server_round) if progress and cfg.train.progress else None
+    bar = _StepBar(cfg, site, server_round, cfg.train.steps_for(len(train_ds))) if progress and cfg.train.progress else None
     seed = hash((cfg.seed, site, server_round)) % (2**31)
     # The seed is public (it is in the run config), so it drives only what is not private:
     # batch order without DP and LoRA dropout (which DP forbids). Under DP, train_local
@@ -159,11 +160,11 @@ class _StepBar:
     """A local-steps bar. In simulation Ray forwards every refresh as a new line, so it
     refreshes at most every few seconds."""
 
-    def __init__(self, cfg: RunConfig, site: int, server_round: int):
+    def __init__(self, cfg: RunConfig, site: int, server_round: int, steps: int):
         from tqdm import tqdm
 
         self.bar = tqdm(
-            total=cfg.train.local_steps,
+            total=steps,
             desc=f"round {server_round} site {site}",
             unit="step",
             leave=True,

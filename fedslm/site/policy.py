@@ -43,8 +43,11 @@ class SitePolicy:
     max_delta: float = 1e-5
     min_clip_norm: float = 1e-3
     max_clip_norm: float = 10.0
-    max_batch_size: int = 64
+    # local work per round: logical batches of hundreds run in physical batches
+    # (train.max_physical_batch), so the batch bound is about work, not memory
+    max_batch_size: int = 1024
     max_local_steps: int = 64
+    max_local_epochs: float = 10.0
     max_length: int = 1024
     # answering evaluate messages releases a held-out loss that epsilon does not cover
     # (named in privacy.json); a site may decline
@@ -86,7 +89,8 @@ class SitePolicy:
         own = cls.from_node_config(node_config).data if node_config else {}
         return cls(require_dp=p.enabled, max_epsilon=p.epsilon, max_lifetime_epsilon=p.epsilon if p.enabled else math.inf,
                    max_delta=p.delta, min_clip_norm=p.max_grad_norm, max_clip_norm=p.max_grad_norm,
-                   max_batch_size=t.batch_size, max_local_steps=t.local_steps, max_length=cfg.data.max_length,
+                   max_batch_size=t.batch_size, max_local_steps=t.local_steps, max_local_epochs=t.local_epochs,
+                   max_length=cfg.data.max_length,
                    evaluate=True, allow_canaries=True, state_dir=state, cache_dir=cfg.model.cache_dir,
                    model_path=cfg.model.path, data=own, simulated=True)
 
@@ -106,8 +110,12 @@ class SitePolicy:
             limit(self.min_clip_norm <= p.max_grad_norm <= self.max_clip_norm, "privacy.max_grad_norm", p.max_grad_norm,
                   f"this site allows [{self.min_clip_norm}, {self.max_clip_norm}]")
         limit(t.batch_size <= self.max_batch_size, "train.batch_size", t.batch_size, f"this site allows at most {self.max_batch_size}")
-        limit(t.local_steps <= self.max_local_steps, "train.local_steps", t.local_steps,
-              f"this site allows at most {self.max_local_steps}")
+        if t.local_epochs > 0:
+            limit(t.local_epochs <= self.max_local_epochs, "train.local_epochs", t.local_epochs,
+                  f"this site allows at most {self.max_local_epochs} per round")
+        else:
+            limit(t.local_steps <= self.max_local_steps, "train.local_steps", t.local_steps,
+                  f"this site allows at most {self.max_local_steps}")
         limit(cfg.data.max_length <= self.max_length, "data.max_length", cfg.data.max_length,
               f"this site allows at most {self.max_length}")
         limit(not p.canaries or self.allow_canaries, "privacy.canaries", p.canaries,

@@ -59,7 +59,7 @@ def train_local(
     progress=None,
     proximal_mu: float = 0.0,
 ) -> TrainStats:
-    """Run `cfg.local_steps` optimizer steps on this site's data.
+    """Run `cfg.steps_for(len(dataset))` optimizer steps on this site's data.
 
     With `dp`, the step is private (fedslm.privacy.dp_step) and the returned ledger holds
     this round's steps; `grad_sample_module` is the Opacus wrapper around `peft_model`
@@ -84,7 +84,7 @@ def train_local(
     split = private is not None and 0 < cfg.max_physical_batch
     with private.physical_batches(cfg.max_physical_batch) if split else nullcontext(loader) as batches_of:
         batches = _cycle(batches_of)
-        while steps < cfg.local_steps:
+        while steps < cfg.steps_for(len(dataset)):
             batch = next(batches)
             optimizer.zero_grad(set_to_none=True)
             if _is_empty(batch):

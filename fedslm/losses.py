@@ -9,19 +9,24 @@ tensor dominates memory for a 49k-token vocabulary.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.utils.data import DataLoader
 
 from fedslm.data.tokenize import TokenizedDataset, make_collate
+from fedslm.lora.frozen_prefix import replayed
 
 
 def sequence_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sequence mean cross-entropy over answer tokens, shape (batch,). `model` is a
     peft model or a plain causal LM."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state  # (B, T, d)
+    # with cached frozen-prefix states only the layers above the prefix run
+    with replayed(model, batch["hidden"]) if "hidden" in batch else nullcontext():
+        hidden = lm.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state  # (B, T, d)
     # position t predicts token t+1; score only positions whose next token is answer
     target_mask = batch["loss_mask"][:, 1:].bool()
     rows, cols = target_mask.nonzero(as_tuple=True)

@@ -115,6 +115,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(not d.eval_path or bool(d.path), "data.eval_path", "needs data.path as well")
 
     need(cfg.train.local_steps >= 1, "train.local_steps", f"got {cfg.train.local_steps}, must be >= 1")
+    need(cfg.lora.layers >= 0, "lora.layers", f"got {cfg.lora.layers}, must be >= 0 (0 = every layer)")
     need(cfg.train.local_epochs >= 0, "train.local_epochs", f"got {cfg.train.local_epochs}, must be >= 0 (0 = local_steps)")
     need(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, must be >= 1")
     need(bool(d.path) or cfg.train.batch_size <= d.train_examples, "train.batch_size",

@@ -45,6 +45,10 @@ class LoraConfig:
     # the DP recipe: B of q and v only (with FFA) learns most per unit of noise (README,
     # benchmarks/aggregation.py); privacy=none trains all seven projections
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # LoRA on the top K decoder layers only (0 = every layer). The layers below are then
+    # frozen: each site computes their output for a record once and trains and evaluates
+    # only the top K layers and the head (fedslm.lora.frozen_prefix), K/N of the work.
+    layers: int = 0
     # Every site and the server draw the LoRA A matrices from this seed, so with A
     # frozen (FFA-LoRA) all sites share the same A and averaging B is exact.
     init_seed: int = 1234

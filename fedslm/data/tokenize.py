@@ -156,18 +156,26 @@ class TokenizedDataset(Dataset):
 
 
 def make_collate(pad_id: int):
-    """Right-pad a batch to its longest sequence."""
+    """Right-pad a batch to its longest sequence. Items may carry a third tensor, a
+    record's cached frozen-prefix states (length x hidden; fedslm.lora.frozen_prefix),
+    padded with zeros into batch["hidden"]."""
 
-    def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = max((len(ids) for ids, _ in batch), default=0)
+    def collate(batch: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+        width = max((len(item[0]) for item in batch), default=0)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attn = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (seq, loss_mask) in enumerate(batch):
+        hidden = None
+        if batch and len(batch[0]) == 3:
+            hidden = torch.zeros((len(batch), width, batch[0][2].shape[-1]), dtype=batch[0][2].dtype)
+        for i, (seq, loss_mask, *states) in enumerate(batch):
             n = len(seq)
             ids[i, :n] = seq
             attn[i, :n] = 1
             mask[i, :n] = loss_mask
-        return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+            if hidden is not None:
+                hidden[i, :n] = states[0]
+        out = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+        return out if hidden is None else {**out, "hidden": hidden}
 
     return collate

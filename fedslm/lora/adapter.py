@@ -27,11 +27,17 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, freeze_a: bool) -> Peft
     A is drawn from `cfg.init_seed` inside a forked RNG so that every site and the
     server build the same A without disturbing anyone's global random state.
     """
+    depth = model.config.num_hidden_layers
+    if cfg.layers > depth:
+        raise ValueError(f"lora.layers={cfg.layers}: this model has {depth} decoder layers; use at most {depth} "
+                         "(0 = every layer)")
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        # the top K layers only: the layers below stay frozen (fedslm.lora.frozen_prefix)
+        layers_to_transform=list(range(depth - cfg.layers, depth)) if 0 < cfg.layers < depth else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

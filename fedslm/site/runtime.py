@@ -19,6 +19,7 @@ from fedslm.config import ConfigError, RunConfig, from_run_config, validate
 from fedslm.data.canaries import canary_examples, make_canaries, write_audit_file
 from fedslm.data.sites import SiteData, build_site_data
 from fedslm.lora.adapter import a_digest, adapter_state, attach_lora, load_adapter_state, set_base_delta
+from fedslm.lora.frozen_prefix import CachedStates, first_trained_layer
 from fedslm.lora.schemes import SCHEMES, Scheme, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.dp_step import wrap_for_dp
@@ -114,8 +115,24 @@ def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool) -> S
             f"to {data_cfg.max_length} tokens, {data.train.dropped + data.eval.dropped} dropped (nothing left to learn)",
             flush=True,
         )
+        if first_trained_layer(rt.peft_model):
+            data = _with_frozen_prefix(data, rt, cfg)
         rt.datasets[key] = data
     return rt.datasets[key]
+
+
+def _with_frozen_prefix(data: SiteData, rt: SiteRuntime, cfg: RunConfig) -> SiteData:
+    """Both splits with the frozen layers' output of every record, computed once here and
+    reused by every step, epoch and round this process serves (lora.layers)."""
+    import time
+
+    start, first = time.perf_counter(), first_trained_layer(rt.peft_model)
+    pad = rt.tokenizer.pad_token_id
+    splits = {name: CachedStates.build(rt.peft_model, getattr(data, name), pad, cfg.train.eval_batch_size)
+              for name in ("train", "eval")}
+    print(f"site {data.site}: the {first} frozen layers' output cached for {len(data.train) + len(data.eval)} rows "
+          f"in {time.perf_counter() - start:.1f}s", flush=True)
+    return dataclasses.replace(data, **splits)
 
 
 def audit_dir(cfg: RunConfig, context: Context) -> Path:

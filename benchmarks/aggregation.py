@@ -38,7 +38,7 @@ from fedslm.use.scoring import exact_match
 from simulations.simulate import simulate
 from fedslm.privacy.plan import plan_dp
 from fedslm.site.evaluate import evaluate_loss
-from fedslm.site.train import DPContext, train_local
+from fedslm.train import DPContext, train_local
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data/banking77"
 

@@ -77,7 +77,7 @@ def build(name: str, base: torch.nn.Module, lora: LoraConfig, batch: int, lr: fl
 
 
 def step(v: Variant, batch: dict[str, torch.Tensor], autocast: torch.autocast | None) -> None:
-    from fedslm.site.train import sequence_losses
+    from fedslm.train import sequence_losses
 
     v.optimizer.zero_grad(set_to_none=True)
     if autocast is not None:

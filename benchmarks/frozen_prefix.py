@@ -34,7 +34,7 @@ from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.privacy.dp_step import DPContext, wrap_for_dp
 from fedslm.privacy.plan import plan_dp
-from fedslm.site.train import train_local
+from fedslm.train import train_local
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 

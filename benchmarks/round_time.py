@@ -39,7 +39,7 @@ def run_mode(cfg, mode: str, rounds: int, echo=print) -> tuple[list[dict], list[
     from fedslm.site.handlers import load_global, runtime_for
     from fedslm.privacy.dp_step import wrap_for_dp
     from fedslm.privacy.plan import check_site_size
-    from fedslm.site.train import DPContext, train_local
+    from fedslm.train import DPContext, train_local
     from fedslm.transport import from_record, record_bytes, to_record
 
     naive = mode == "naive"

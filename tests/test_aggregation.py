@@ -18,7 +18,7 @@ from fedslm.lora.algebra import a_key, b_key, dense
 from fedslm.lora.schemes import SiteUpdate, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.server.record import RunRecorder
-from fedslm.site.train import train_local
+from fedslm.train import train_local
 from fedslm.transport import from_record, record_bytes, to_record
 
 LAYERS = {"m.l0.q_proj": (12, 10), "m.l0.down_proj": (10, 16)}  # layer -> (out, in)

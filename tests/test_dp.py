@@ -16,7 +16,7 @@ from fedslm.data.tokenize import TokenizedDataset, make_collate
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.accounting import RDP_ALPHAS, BudgetExceededError, PrivacyLedger, calibrate_noise
 from fedslm.privacy.plan import plan_dp
-from fedslm.site.train import DPContext, sequence_losses, train_local
+from fedslm.train import DPContext, sequence_losses, train_local
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.privacy.dp_step import wrap_for_dp
 from fedslm.privacy.plan import plan_dp
-from fedslm.site.train import DPContext, sequence_losses, train_local
+from fedslm.train import DPContext, sequence_losses, train_local
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from fedslm.losses import dataset_losses, sequence_losses
 from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.privacy.dp_step import DPContext, wrap_for_dp
 from fedslm.privacy.plan import plan_dp
-from fedslm.site.train import train_local
+from fedslm.train import train_local
 
 PAD = 0
 

@@ -24,10 +24,11 @@ from fedslm.config.schema import (
     StrategyConfig,
     TinyModelConfig,
     TrainConfig,
+    WarmStartConfig,
 )
 
 __all__ = [
     "ConfigError", "DataConfig", "FederationConfig", "LoraConfig", "ModelConfig", "PrivacyConfig", "RunConfig",
-    "ServerEvalConfig", "StrategyConfig", "TinyModelConfig", "TrainConfig", "from_run_config", "load_run_config",
+    "ServerEvalConfig", "StrategyConfig", "TinyModelConfig", "TrainConfig", "WarmStartConfig", "from_run_config", "load_run_config",
     "to_run_config", "validate",
 ]

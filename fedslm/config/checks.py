@@ -115,6 +115,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(not d.eval_path or bool(d.path), "data.eval_path", "needs data.path as well")
 
     need(cfg.train.local_steps >= 1, "train.local_steps", f"got {cfg.train.local_steps}, must be >= 1")
+    ws = cfg.warm_start
+    if ws.data is not None:
+        need(cfg.strategy.name in ("ffa", "fedavg", "exact"), "warm_start.data",
+             f"strategy {cfg.strategy.name} has no single global adapter to start from; use ffa, fedavg or exact")
+        need(ws.epochs > 0 and ws.batch_size >= 1 and ws.lr > 0 and ws.max_examples >= 0, "warm_start",
+             "epochs and lr must be > 0, batch_size >= 1, max_examples >= 0")
     need(cfg.lora.layers >= 0, "lora.layers", f"got {cfg.lora.layers}, must be >= 0 (0 = every layer)")
     need(cfg.train.local_epochs >= 0, "train.local_epochs", f"got {cfg.train.local_epochs}, must be >= 0 (0 = local_steps)")
     need(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, must be >= 1")

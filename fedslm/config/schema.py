@@ -249,6 +249,21 @@ class ServerEvalConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """The initial global adapter trained by the server on public data before any private
+    round (fedslm.server.warm_start): no site data, no privacy cost, named on the card."""
+
+    # a conf/data preset or a data file of PUBLIC data, "labels" (a classification task's
+    # label set alone: its names as messages), or None for no warm start
+    data: Optional[str] = None
+    epochs: float = 1.0
+    batch_size: int = 16
+    # non-private training: the plain-LoRA rate, not the DP recipe's
+    lr: float = 0.01
+    max_examples: int = 0  # rows of `data` used (0 = all)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -258,6 +273,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_eval: ServerEvalConfig = field(default_factory=ServerEvalConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     seed: int = 0
     # Where the server writes the run (Hydra sets it to its run dir).
     output_dir: str = "outputs/latest"

@@ -13,8 +13,18 @@ from fedslm.privacy.releases import released
 
 
 def privacy_report(cfg: RunConfig, train_metrics: dict[int, dict[int, dict]],
-                   eval_metrics: dict[int, dict[int, dict]] | None = None) -> dict:
-    """`train_metrics` / `eval_metrics`: round -> site -> the metrics of its reply."""
+                   eval_metrics: dict[int, dict[int, dict]] | None = None, warm_start: dict | None = None) -> dict:
+    """`train_metrics` / `eval_metrics`: round -> site -> the metrics of its reply;
+    `warm_start`: what the server's public warm start trained on (fedslm.server.warm_start)."""
+    report = _privacy_report(cfg, train_metrics, eval_metrics)
+    if warm_start is not None:
+        report["warm_start"] = {**warm_start, "covers": "public data at the server before any private round: no "
+                                                         "site data, so no privacy cost and not in any epsilon"}
+    return report
+
+
+def _privacy_report(cfg: RunConfig, train_metrics: dict[int, dict[int, dict]],
+                    eval_metrics: dict[int, dict[int, dict]] | None = None) -> dict:
     last: dict[int, dict] = {}
     for r in sorted(train_metrics):
         last.update(train_metrics[r])
@@ -99,6 +109,11 @@ def guarantee_text(privacy: dict) -> tuple[str, str]:
             "users of this model (not against the coordinator, which added the noise), with no credit "
             "taken for the sampling of sites."
         )
+    warm = privacy.get("warm_start")
+    if warm:
+        scope += (f"\n\nBefore the private rounds, the coordinator trained the starting adapter on public data "
+                  f"only ({warm['data']}: {warm['rows']} rows, {warm['epochs']:g} epochs). That step read no "
+                  "site's data and spent no privacy budget (epsilon 0); the epsilon above covers the sites' records.")
     released = privacy.get("released") or {}
     if level.startswith("sample") and released.get("not_covered"):
         scope += ("\n\nThe guarantee holds against the coordinator too, as long as each site ran only "

@@ -35,8 +35,8 @@ class Writer:
 
 
 class Console(Writer):
-    def __init__(self, rounds: int, echo=print):
-        self.rounds, self.echo = rounds, echo
+    def __init__(self, rounds: int, echo=print, start: str = "base model"):
+        self.rounds, self.echo, self.start = rounds, echo, start
 
     def rejected(self, r: int, line: str) -> None:
         self.echo(f"  ! round {r}: rejected {line}")
@@ -52,7 +52,7 @@ class Console(Writer):
         if r == 0:
             losses = [m["eval_loss"] for m in rl.eval.values()]
             mean = sum(losses) / len(losses) if losses else math.nan
-            self.echo(f"round 0 (base model): held-out loss {mean:.4f} over {len(losses)} sites  [{rl.seconds:.1f}s]")
+            self.echo(f"round 0 ({self.start}): held-out loss {mean:.4f} over {len(losses)} sites  [{rl.seconds:.1f}s]")
             return
         self.echo(
             f"round {r}/{self.rounds}  {rl.seconds:6.1f}s  up {_mb(rl.bytes_up)}  down {_mb(rl.bytes_down)}"
@@ -135,7 +135,8 @@ class SummaryFiles(Writer):
 
 
 def default_writers(run_dir: Path, rounds: int, meta: dict[str, str], echo=print) -> list[Writer]:
-    return [Console(rounds, echo), MetricsFile(run_dir), AdapterFiles(run_dir, meta), SummaryFiles(run_dir)]
+    return [Console(rounds, echo, meta.get("start", "base model")), MetricsFile(run_dir),
+            AdapterFiles(run_dir, {k: v for k, v in meta.items() if k != "start"}), SummaryFiles(run_dir)]
 
 
 def _mb(n: int) -> str:

@@ -28,6 +28,7 @@ from fedslm.server.checkpoint import Checkpoint, ResumableRounds, new_run_key
 from fedslm.server.evaluation import server_evaluate_fn
 from fedslm.server.record import RunRecorder
 from fedslm.server.strategy import LoraStrategy, SiteErrorsFirst, WrapperState, describe_strategy, strategy_for
+from fedslm.server.warm_start import warm_start
 from fedslm.transport import from_record, to_record
 from fedslm.use.export import export_merged
 
@@ -35,6 +36,7 @@ from fedslm.use.export import export_merged
 # not what it trains. min_sites only sets how many sites the strategy waits for before it
 # samples (the per-round count and the DP calibration use federation.sites / per_round), so
 # an operator who restarts the coordinator may ask it to wait for every site to reconnect.
+WARM_START_FILE = "warm_start.json"  # what the public warm start trained on (privacy.json cites it)
 RESUME_MAY_CHANGE = {"resume", "output_dir", "export_model", "demo_answer", "federation.timeout_s",
                      "federation.min_sites"}
 
@@ -79,12 +81,17 @@ def setup(cfg: RunConfig, echo=print) -> ServerRun:
                          cfg.lora.r, cfg.lora.alpha)
     del base
     initial_adapter = scheme.initial_global()
+    if cfg.warm_start.data is not None and not ckpt:
+        # before any site is asked anything: public data only, written beside the run
+        initial_adapter, warm = warm_start(cfg, model_dir, scheme, initial_adapter, echo)
+        (run_dir / WARM_START_FILE).write_text(json.dumps(warm, indent=2))
 
     fed = cfg.federation
     per_round = sites_per_round(fed)
     min_sites = fed.min_sites or per_round
-    recorder = RunRecorder(run_dir, fed.rounds, meta={"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r)},
-                           echo=echo)
+    meta = {"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r),
+            "start": "warm start on public data" if cfg.warm_start.data is not None else "base model"}
+    recorder = RunRecorder(run_dir, fed.rounds, meta=meta, echo=echo)
     core = strategy_for(cfg, scheme, recorder, per_round, min_sites)
     wrapped = with_client_level_dp(core, cfg, per_round)
     strategy = core if wrapped is core else SiteErrorsFirst(wrapped, core)
@@ -138,8 +145,10 @@ def outputs(run: ServerRun, final: dict, echo=print) -> dict:
     """privacy.json, the merged model with its card, summary.json and curves.png."""
     cfg = run.cfg
     rank, alpha, final_view = run.scheme.peft_view(final)
+    warm_file = run.run_dir / WARM_START_FILE
     privacy = privacy_report(cfg, {r: rl.train for r, rl in run.recorder.log.items()},
-                             {r: rl.eval for r, rl in run.recorder.log.items()})
+                             {r: rl.eval for r, rl in run.recorder.log.items()},
+                             json.loads(warm_file.read_text()) if warm_file.exists() else None)
     (run.run_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
     extra = {
         "strategy": cfg.strategy.name,

@@ -28,7 +28,7 @@ from fedslm.site.ledger import LIFETIME_ACCOUNTANT, SiteLedger, check_run_key, d
 from fedslm.site.policy import PolicyError
 from fedslm.site.replay import ReplyCache, round_digest
 from fedslm.site.runtime import SiteSetup, load_global, runtime_for, site_data, site_id, site_rank, site_setup
-from fedslm.site.train import train_local
+from fedslm.train import train_local
 from fedslm.transport import to_record
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress: bool = True) -> Message:

@@ -1,4 +1,5 @@
-"""The one local training loop of a site, DP or not.
+"""The one training loop, DP or not: a site's local round, and the server's warm start on
+public data (which is why it lives in the shared library, not in fedslm/site).
 
 config -> site data -> [batch -> per-sequence answer loss -> (DP step) -> optimizer step
 -> (FedProx pull)] x local steps -> the adapter the site sends back.

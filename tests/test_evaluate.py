@@ -204,28 +204,34 @@ def _by_hand(model, prompt: list[int], option: list[int]) -> float:
     return sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(option))
 
 
+def _scoring_model(arch: str, seed: int, softcap: float):
+    """A tiny random Gemma-2 (soft-capped logits) or a Llama under a PeftModel with
+    nonzero LoRA factors, in eval mode."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, final_logit_softcapping=softcap, sliding_window=64,
+            attn_implementation="eager")).eval()
+    from peft import LoraConfig, get_peft_model
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "llama_lora"])
 def test_option_scores_read_only_real_positions_on_other_heads(arch):
     """Scoring projects to the vocabulary only where an option token is predicted: the
     same numbers as the model's own forward for Gemma-2 (its logits are soft-capped) and
     for a PeftModel with trained LoRA factors."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if arch == "gemma2":
-        model = Gemma2ForCausalLM(Gemma2Config(
-            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, attn_implementation="eager"))
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1))
-        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.5)
-    model.eval()
+    model = _scoring_model(arch, seed=0, softcap=2.0)
     prompt, options = [5, 17, 3, 44, 9], [[12, 30, 7, 8], [61], [12, 30], [90, 2, 2]]
     got = option_logprobs(model, prompt, options)
     want = [_by_hand(model, prompt, o) for o in options]
@@ -239,23 +245,8 @@ def test_scorer_reused_across_prompts_matches_the_full_forward_and_its_argmax(ar
     one is a prefix of another), and the pruned search picks the same option as the
     argmax over all scores, including on a model sharpened so most prefixes are pruned."""
     from fedslm.use.scoring import OptionScorer
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(1)
-    if arch == "gemma2":
-        model = Gemma2ForCausalLM(Gemma2Config(
-            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0, sliding_window=64))
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1))
-        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.5)
-    model.eval()
+    model = _scoring_model(arch, seed=1, softcap=30.0)
     shared = [5, 17, 3]
     options = [[12, 30, 7, 8], [61, 5], [12, 30], [90, 2], [12, 31, 7], [61, 4, 4, 4, 4]]
     prompts = [shared + [44, 9], shared + [1], shared + [8, 8, 8, 8, 8, 8, 2], shared + [44, 9], shared + [70, 3, 21]]

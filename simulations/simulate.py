@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from fedslm import quiet
 from fedslm.config import RunConfig
 from fedslm.data.sites import format_site_table, is_synthetic, site_table
 from fedslm.model import resolve_model_dir
+from fedslm.site.runtime import PREFIX_CACHE_DIR
 
 
 class FederationFailed(RuntimeError):
@@ -56,12 +58,16 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
         },
     }
     start = time.perf_counter()
-    run_simulation(
-        server_app=build_server_app(cfg),
-        client_app=build_client_app(cfg),
-        num_supernodes=fed.sites,
-        backend_config=backend,
-    )
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg),
+            client_app=build_client_app(cfg),
+            num_supernodes=fed.sites,
+            backend_config=backend,
+        )
+    finally:
+        # the sites' frozen-prefix states (lora.layers) are rows of their data: not an output
+        shutil.rmtree(run_dir / PREFIX_CACHE_DIR, ignore_errors=True)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise FederationFailed(

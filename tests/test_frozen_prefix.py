@@ -5,6 +5,7 @@ Gemma-2 shapes, and the bottom layers do not run once cached."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import datasets
 import pytest
@@ -122,3 +123,44 @@ def test_training_on_the_cache_matches_training_on_the_records(private, reproduc
 def test_more_layers_than_the_model_has_is_refused():
     with pytest.raises(ValueError, match="lora.layers=9: this model has 4 decoder layers"):
         _lora(_model("llama"), layers=9)
+
+
+def test_a_site_caches_each_split_on_its_first_use(tiny_cfg, flower_identity):
+    """Through the site's handlers (tiny Llama, LoRA on its top layer): an evaluate
+    message caches the held-out rows only, and scores them as the full forward does; a
+    train message then caches the training rows once, and later rounds reuse both."""
+    from test_messages import _context, _message
+
+    from fedslm.site.evaluate import evaluate_loss
+    from fedslm.site.handlers import handle_evaluate, handle_train
+    from fedslm.site.runtime import PREFIX_CACHE_DIR, runtime_for, site_data
+
+    tiny_cfg.lora.layers = 1
+    ctx = _context(site=1)
+    loss = handle_evaluate(_message(tiny_cfg, "evaluate"), ctx, tiny_cfg).content.metric_records["metrics"]["eval_loss"]
+    rt = runtime_for(tiny_cfg)
+    assert [k[-1] for k in rt.prefix_states] == ["eval"]
+    plain = site_data(tiny_cfg, ctx, rt, False).eval
+    full = evaluate_loss(rt.peft_model, plain, tiny_cfg.train.eval_batch_size, rt.tokenizer.pad_token_id)
+    assert loss == pytest.approx(full, abs=1e-5)
+    for r in (1, 2):
+        reply = handle_train(_message(tiny_cfg, "train", server_round=r), ctx, tiny_cfg, progress=False)
+        assert not reply.has_error()
+    assert sorted(k[-1] for k in rt.prefix_states) == ["eval", "train"]
+    # a simulated site shares them with the simulation's other processes, in the run dir
+    shared = list((Path(tiny_cfg.output_dir) / PREFIX_CACHE_DIR).glob("*.safetensors"))
+    assert len(shared) == 2
+
+
+def test_states_saved_by_one_process_load_as_computed(tmp_path):
+    """A simulation's processes share a site's states through one file: loading gives the
+    same tensors, and a file of another split is refused rather than misread."""
+    pm = _lora(_model("llama"))
+    tokens = _records()
+    cached = CachedStates.build(pm, tokens, PAD)
+    cached.save(tmp_path / "s.safetensors")
+    again = CachedStates.load(tmp_path / "s.safetensors", tokens)
+    for i in range(len(tokens)):
+        assert torch.equal(again[i][2], cached[i][2])
+    with pytest.raises(ValueError, match="does not hold this split"):
+        CachedStates.load(tmp_path / "s.safetensors", tokens.head(4))

@@ -11,10 +11,12 @@ public base model, and it stays in the site's process.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedslm.atomic import write_atomic
 from fedslm.data.tokenize import TokenizedDataset, make_collate
 
 
@@ -102,6 +104,24 @@ class CachedStates(Dataset):
             for i, layer in enumerate(above, start=first):
                 decoder.layers[i] = layer
             model.train(was_training)
+        return cls(tokens, states)
+
+    def save(self, path: Path) -> None:
+        """One file, whole or absent (other processes of the same simulation read it)."""
+        from safetensors.torch import save_file
+
+        lengths = torch.tensor([len(s) for s in self.states], dtype=torch.long)
+        flat = torch.cat(self.states) if self.states else torch.zeros(0)
+        write_atomic(path, lambda tmp: save_file({"states": flat.contiguous(), "lengths": lengths}, str(tmp)))
+
+    @classmethod
+    def load(cls, path: Path, tokens: TokenizedDataset) -> "CachedStates":
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        states = list(torch.split(saved["states"], saved["lengths"].tolist()))
+        if len(states) != len(tokens) or any(len(s) != len(tokens[i][0]) for i, s in enumerate(states)):
+            raise ValueError(f"{path} does not hold this split's records")
         return cls(tokens, states)
 
     def head(self, n: int) -> "CachedStates":

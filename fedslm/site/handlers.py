@@ -27,7 +27,8 @@ from fedslm.site.evaluate import evaluate_loss
 from fedslm.site.ledger import LIFETIME_ACCOUNTANT, SiteLedger, check_run_key, data_fingerprint
 from fedslm.site.policy import PolicyError
 from fedslm.site.replay import ReplyCache, round_digest
-from fedslm.site.runtime import SiteSetup, load_global, runtime_for, site_data, site_id, site_rank, site_setup
+from fedslm.site.runtime import (SiteSetup, load_global, runtime_for, shared_prefix_dir, site_id, site_rank, site_setup,
+                                 site_split)
 from fedslm.train import train_local
 from fedslm.transport import to_record
 
@@ -38,8 +39,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
     server_round = int(msg.content["config"]["server-round"])
     run_key = _run_key(msg, context)
     rt = runtime_for(cfg, site_rank(cfg, context, site))
-    data = site_data(cfg, context, rt, setup.own_data)
-    train_ds = data.train
+    train_ds = site_split(cfg, context, rt, setup.own_data, "train", shared_prefix_dir(setup))
     ledger = _ledger(setup, context)
 
     replay = digest = None
@@ -134,7 +134,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig | None) -> Me
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
     run_key = _run_key(msg, context)
     rt = runtime_for(cfg, site_rank(cfg, context, site))
-    eval_ds = site_data(cfg, context, rt, setup.own_data).eval
+    eval_ds = site_split(cfg, context, rt, setup.own_data, "eval", shared_prefix_dir(setup))
     limit = int(msg.content["config"].get("eval-limit", 0)) if "config" in msg.content.config_records else 0
     if 0 < limit < len(eval_ds):
         eval_ds = eval_ds.head(limit)  # an intermediate round's cheaper look (federation.eval_limit)

@@ -38,6 +38,7 @@ class SiteRuntime:
     a_digest: int  # FFA: the fingerprint of its frozen A the replies carry (0 when A trains)
     base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # stack: pristine W0
     datasets: dict = field(default_factory=dict)
+    prefix_states: dict = field(default_factory=dict)  # (site, data, own, split) -> CachedStates
     _dp_module: torch.nn.Module | None = None
 
     @property
@@ -50,6 +51,7 @@ class SiteRuntime:
 
 
 _RUNTIMES: dict[tuple, SiteRuntime] = {}
+PREFIX_CACHE_DIR = ".prefix-cache"  # in a simulation's run directory, removed when it ends
 
 
 def site_rank(cfg: RunConfig, context: Context, site: int) -> int:
@@ -115,24 +117,47 @@ def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool) -> S
             f"to {data_cfg.max_length} tokens, {data.train.dropped + data.eval.dropped} dropped (nothing left to learn)",
             flush=True,
         )
-        if first_trained_layer(rt.peft_model):
-            data = _with_frozen_prefix(data, rt, cfg)
         rt.datasets[key] = data
     return rt.datasets[key]
 
 
-def _with_frozen_prefix(data: SiteData, rt: SiteRuntime, cfg: RunConfig) -> SiteData:
-    """Both splits with the frozen layers' output of every record, computed once here and
-    reused by every step, epoch and round this process serves (lora.layers)."""
-    import time
+def site_split(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool, split: str,
+               shared_dir: Path | None = None):
+    """One split ("train" or "eval") as the site trains or scores it: with a frozen prefix
+    (lora.layers), each record's frozen-layer output is computed on the split's first use
+    and reused by every later step, epoch and round this process serves. `shared_dir`
+    (simulation: one machine, many processes each serving any site) keeps it on disk too,
+    so the next process that serves the site loads it instead of computing it again."""
+    data = site_data(cfg, context, rt, own)
+    first = first_trained_layer(rt.peft_model)
+    if not first:
+        return getattr(data, split)
+    key = (data.site, repr(cfg.data), own, split)
+    if key not in rt.prefix_states:
+        import hashlib
+        import time
 
-    start, first = time.perf_counter(), first_trained_layer(rt.peft_model)
-    pad = rt.tokenizer.pad_token_id
-    splits = {name: CachedStates.build(rt.peft_model, getattr(data, name), pad, cfg.train.eval_batch_size)
-              for name in ("train", "eval")}
-    print(f"site {data.site}: the {first} frozen layers' output cached for {len(data.train) + len(data.eval)} rows "
-          f"in {time.perf_counter() - start:.1f}s", flush=True)
-    return dataclasses.replace(data, **splits)
+        start, tokens = time.perf_counter(), getattr(data, split)
+        name = hashlib.sha256(repr((str(resolve_model_dir(cfg.model)), first, key)).encode()).hexdigest()[:24]
+        path = shared_dir / f"{name}.safetensors" if shared_dir else None
+        if path is not None and path.exists():
+            rt.prefix_states[key] = CachedStates.load(path, tokens)
+            how = "loaded"
+        else:
+            rt.prefix_states[key] = CachedStates.build(rt.peft_model, tokens, rt.tokenizer.pad_token_id,
+                                                       cfg.train.eval_batch_size)
+            if path is not None:
+                rt.prefix_states[key].save(path)
+            how = "cached"
+        print(f"site {data.site}: the {first} frozen layers' output {how} for {len(tokens)} {split} rows in "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
+    return rt.prefix_states[key]
+
+
+def shared_prefix_dir(setup: SiteSetup) -> Path | None:
+    """Where a simulation's processes share frozen-prefix states: inside the run directory,
+    which the simulation removes when it ends. A deployed site keeps them in its process."""
+    return Path(setup.cfg.output_dir) / PREFIX_CACHE_DIR if setup.policy.simulated else None
 
 
 def audit_dir(cfg: RunConfig, context: Context) -> Path:

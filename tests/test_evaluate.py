@@ -248,7 +248,7 @@ def test_scorer_reused_across_prompts_matches_the_full_forward_and_its_argmax(ar
 
     model = _scoring_model(arch, seed=1, softcap=30.0)
     shared = [5, 17, 3]
-    options = [[12, 30, 7, 8], [61, 5], [12, 30], [90, 2], [12, 31, 7], [61, 4, 4, 4, 4]]
+    options = [[12, 30, 7, 8], [61, 5], [12, 30], [90, 2], [12, 31, 7], [61, 4, 4, 4, 4], [61, 4, 9]]
     prompts = [shared + [44, 9], shared + [1], shared + [8, 8, 8, 8, 8, 8, 2], shared + [44, 9], shared + [70, 3, 21]]
     picks = []
     for sharpen in (1.0, 40.0):  # 40: peaked next-token distributions, the search's pruning case
@@ -259,8 +259,11 @@ def test_scorer_reused_across_prompts_matches_the_full_forward_and_its_argmax(ar
             want = [_by_hand(model, prompt, o) for o in options]
             got = scorer.scores(prompt)
             assert got.tolist() == pytest.approx(want, abs=1e-4)
-            picks.append(scorer.best(prompt, wave=1))
-            assert picks[-1] == max(range(len(options)), key=want.__getitem__)
+            # wave 1: one prefix per forward; 3: prefixes with everything below them that
+            # fits; 32: whole subtrees at once
+            found = {scorer.best(prompt, wave=w) for w in (1, 3, 32)}
+            assert found == {max(range(len(options)), key=want.__getitem__)}
+            picks.append(found.pop())
     assert len(set(picks)) > 1  # the prompts and sharpening do move the answer
     with pytest.raises(ValueError, match="shared prefix"):
         scorer.scores([5, 17, 4, 1])

@@ -73,6 +73,15 @@ class _OptionTree:
                 node = self.children[node][t]
             self.ends[node].append(i)
 
+    def inner_below(self, node: int) -> list[int]:
+        """`node` and every node under it that has children, parents first: the nodes
+        whose forward completes every option below `node`."""
+        out, k = [node], 0
+        while k < len(out):
+            out += [c for c in self.children[out[k]].values() if self.children[c]]
+            k += 1
+        return out
+
 
 class OptionScorer:
     """Scores one fixed set of options after many prompts.
@@ -151,10 +160,15 @@ class OptionScorer:
         scoring every option.
 
         A prefix's summed log-probability bounds every option below it (each further token
-        adds a log-probability <= 0), so the search runs the most promising prefixes first,
-        at least `wave` of them (or half of those still open) per forward, since each
-        forward streams every weight once whatever its length, and stops when no unexplored prefix can beat the best
-        complete option. Exact, not a beam: a prefix is skipped only when it cannot win."""
+        adds a log-probability <= 0), so the search runs the most promising prefixes first
+        and stops when no unexplored prefix can beat the best complete option. Exact, not
+        a beam: a prefix is skipped only when it cannot win.
+
+        Each forward pays a fixed cost (every weight streamed, every layer's overhead)
+        whatever its length, so it carries about `wave` nodes (or half of those still open),
+        and a promising prefix goes in with everything below it: its options are then
+        complete after one forward instead of one per token, and their scores prune the
+        rest early."""
         tree = self.tree
         best, best_score = -1, float("-inf")
         frontier: dict[int, float] = {}  # nodes whose score is known and whose children have not run
@@ -174,7 +188,13 @@ class OptionScorer:
             open_ = sorted((n for n, s in frontier.items() if s >= best_score), key=frontier.get, reverse=True)
             if not open_:
                 return best
-            batch = open_[:max(wave, len(open_) // 2)]
+            budget, batch = max(wave, len(open_) // 2), []
+            for n in open_:
+                if len(batch) >= budget:
+                    break
+                below = tree.inner_below(n)
+                batch += below if len(batch) + len(below) <= budget else [n]
+            # parents first, so a node's score is set by the time its own row is read
             for n, logp in zip(batch, self._run(batch)):
                 reached(n, logp, frontier.pop(n))
 

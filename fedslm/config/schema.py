@@ -195,8 +195,9 @@ class FederationConfig:
     eval_every: int = 1
     # Rows each site scores in those intermediate evaluations (the first N of its held-out
     # split); round 0 and the last round score every row, so the run's start and end figures
-    # are whole. 0 = every row every time.
-    eval_limit: int = 0
+    # are whole. 0 = every row every time. 32 rows give the in-between look a standard error
+    # of a few hundredths of a nat at a fraction of a 165-row MedQuAD split's cost.
+    eval_limit: int = 32
     # Rounds go on only if at least this many sites reply; 0 means all sites.
     min_sites: int = 0
     cpus_per_site: float = 1.0

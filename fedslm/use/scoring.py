@@ -165,10 +165,11 @@ class OptionScorer:
         a beam: a prefix is skipped only when it cannot win.
 
         Each forward pays a fixed cost (every weight streamed, every layer's overhead)
-        whatever its length, so it carries about `wave` nodes (or half of those still open),
-        and a promising prefix goes in with everything below it: its options are then
-        complete after one forward instead of one per token, and their scores prune the
-        rest early."""
+        whatever its length, so it carries about `wave` nodes (or half of those still open):
+        the most promising prefix with everything below it, so that its options are
+        complete after one forward instead of one per token and their scores prune the rest
+        early, and the next prefixes one token further. (Every open prefix with its subtree
+        would run nodes a flat model's bound never needed.)"""
         tree = self.tree
         best, best_score = -1, float("-inf")
         frontier: dict[int, float] = {}  # nodes whose score is known and whose children have not run
@@ -188,12 +189,11 @@ class OptionScorer:
             open_ = sorted((n for n, s in frontier.items() if s >= best_score), key=frontier.get, reverse=True)
             if not open_:
                 return best
-            budget, batch = max(wave, len(open_) // 2), []
-            for n in open_:
-                if len(batch) >= budget:
-                    break
-                below = tree.inner_below(n)
-                batch += below if len(batch) + len(below) <= budget else [n]
+            # the leading prefix with everything below it, the next ones a token further
+            budget = max(wave, len(open_) // 2)
+            lead = tree.inner_below(open_[0])
+            batch = lead[:1] if len(lead) > budget else lead
+            batch += open_[1:1 + max(0, budget - len(batch))]
             # parents first, so a node's score is set by the time its own row is read
             for n, logp in zip(batch, self._run(batch)):
                 reached(n, logp, frontier.pop(n))

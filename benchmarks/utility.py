@@ -154,11 +154,12 @@ def one_split(data: str, train: Path, heldout: Path, args, out: Path) -> list[di
     if "central" not in args.skip:
         run = federate("central", [*preset, *nodp, "federation.sites=1", "data.partitioner=iid", *pooled], out)
         add("central, no DP", run, run["model_dir"])
-    run = federate("fed-nodp", [*preset, *nodp], out)
-    add("federated, no DP", run, run["model_dir"])
-    for eps in args.epsilons:
-        run = federate(f"fed-dp{eps:g}", [*preset, f"privacy.epsilon={eps}"], out)
-        add(f"federated, DP epsilon {eps:g}", run, run["model_dir"])
+    if "federated" not in args.skip:
+        run = federate("fed-nodp", [*preset, *nodp], out)
+        add("federated, no DP", run, run["model_dir"])
+        for eps in args.epsilons:
+            run = federate(f"fed-dp{eps:g}", [*preset, f"privacy.epsilon={eps}"], out)
+            add(f"federated, DP epsilon {eps:g}", run, run["model_dir"])
     alone = []
     cfg = compose_run_config(preset)
     for s in range(min(args.alone_sites, sites)):
@@ -227,7 +228,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke-sized: few rows per site, small held-out sets")
     ap.add_argument("--per-site", type=int, default=None, help="cap on training rows per site (--quick: 32)")
     ap.add_argument("--per-label", type=int, default=None, help="BANKING77 held-out rows per intent (13; --quick: 1)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["central", "alone"], help="rows not run")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["central", "federated", "alone"],
+                    help="rows not run (the base model always is)")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0])
     ap.add_argument("--alone-sites", type=int, default=None, help="sites trained alone (default: all; --quick 1)")
     ap.add_argument("--gen-rows", type=int, default=None, help="BANKING77 rows scored by generation")

@@ -28,6 +28,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -141,8 +142,9 @@ def one_split(data: str, train: Path, heldout: Path, args, out: Path) -> list[di
 
     def add(label: str, run: dict | None, model_dir: Path) -> None:
         print(f"{data}: scoring {label}", flush=True)
-        rows.append({"data": data, "row": label, **(run or {}), **score(model_dir, heldout_cfg, gen_rows),
-                     "model_dir": str(model_dir)})
+        # the model's directory is this run's scratch space: not a figure, and not kept
+        figures = {k: v for k, v in (run or {}).items() if k != "model_dir"}
+        rows.append({"data": data, "row": label, **figures, **score(model_dir, heldout_cfg, gen_rows)})
         print(f"  {label}: accuracy {rows[-1]['accuracy']:.3f} macro-F1 {rows[-1]['macro_f1']:.3f}", flush=True)
 
     sites = compose_run_config(preset).federation.sites
@@ -195,6 +197,19 @@ def merge_folds(fold_rows: list[list[dict]]) -> list[dict]:
         row["held_out"] = sum(r["held_out"] for r in same)
         merged.append(row)
     return merged
+
+
+def _portable(argv: list[str]) -> list[str]:
+    """The command line without --out and its folder: a path of this machine, not a setting."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        skip = arg == "--out"
+        if not skip:
+            out.append(arg)
+    return out
 
 
 def _mb(n) -> str:
@@ -258,7 +273,7 @@ def main() -> None:
         fold_rows = [one_split(data, train, held, args, out / f"{data}-fold{k}") for k, (train, held) in enumerate(splits)]
         rows += merge_folds(fold_rows)
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-              "command": "python -m benchmarks.utility " + " ".join(__import__("sys").argv[1:]),
+              "command": "python -m benchmarks.utility " + " ".join(_portable(sys.argv[1:])),
               "recipe": RECIPE + [f"{d}: {' '.join(PER_DATA[d])}" for d in args.data] + args.recipe,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     path = Path("benchmarks/results") / ("utility-quick.json" if args.quick else "utility.json")

@@ -134,9 +134,10 @@ class SummaryFiles(Writer):
         return path
 
 
-def default_writers(run_dir: Path, rounds: int, meta: dict[str, str], echo=print) -> list[Writer]:
-    return [Console(rounds, echo, meta.get("start", "base model")), MetricsFile(run_dir),
-            AdapterFiles(run_dir, {k: v for k, v in meta.items() if k != "start"}), SummaryFiles(run_dir)]
+def default_writers(run_dir: Path, rounds: int, meta: dict[str, str], echo=print,
+                    start: str = "base model") -> list[Writer]:
+    """`start`: what round 0 evaluates (the base model, or the public warm start)."""
+    return [Console(rounds, echo, start), MetricsFile(run_dir), AdapterFiles(run_dir, meta), SummaryFiles(run_dir)]
 
 
 def _mb(n: int) -> str:

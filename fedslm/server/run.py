@@ -89,9 +89,9 @@ def setup(cfg: RunConfig, echo=print) -> ServerRun:
     fed = cfg.federation
     per_round = sites_per_round(fed)
     min_sites = fed.min_sites or per_round
-    meta = {"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r),
-            "start": "warm start on public data" if cfg.warm_start.data is not None else "base model"}
-    recorder = RunRecorder(run_dir, fed.rounds, meta=meta, echo=echo)
+    recorder = RunRecorder(run_dir, fed.rounds, meta={"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r)},
+                           echo=echo,
+                           start="warm start on public data" if cfg.warm_start.data is not None else "base model")
     core = strategy_for(cfg, scheme, recorder, per_round, min_sites)
     wrapped = with_client_level_dp(core, cfg, per_round)
     strategy = core if wrapped is core else SiteErrorsFirst(wrapped, core)

@@ -10,7 +10,6 @@ alone: the instruction, the label's words as the message, the label as the answe
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 

@@ -8,6 +8,8 @@ What must outlive the process (the privacy ledger) lives in fedslm.site.ledger, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,9 +136,6 @@ def site_split(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool, spl
         return getattr(data, split)
     key = (data.site, repr(cfg.data), own, split)
     if key not in rt.prefix_states:
-        import hashlib
-        import time
-
         start, tokens = time.perf_counter(), getattr(data, split)
         name = hashlib.sha256(repr((str(resolve_model_dir(cfg.model)), first, key)).encode()).hexdigest()[:24]
         path = shared_dir / f"{name}.safetensors" if shared_dir else None

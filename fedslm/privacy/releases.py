@@ -19,7 +19,8 @@ EVAL_KEYS = ("site", "eval_loss")
 
 NOT_COVERED = {
     "training_set_size": "each site's number of training examples n, through sample_rate = 1 / ceil(n / batch_size) "
-                         "(the noise is calibrated to it, as in Opacus); not covered by epsilon",
+                         "and, with train.local_epochs, steps = ceil(epochs x n / batch_size) (the noise is "
+                         "calibrated to it, as in Opacus); not covered by epsilon",
     "held_out_loss": "one mean answer loss on the site's held-out rows per evaluated round (counted per site in "
                      "held_out_losses_per_site); not covered by epsilon. A site's policy may decline (evaluate: false)",
     "participation": "which sites replied in which round, and when",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedslm.lora.adapter import LORA_TARGETS
+from fedslm.lora.targets import resolve_targets
 from fedslm.config import LoraConfig, ModelConfig
 
 
@@ -115,7 +115,8 @@ def main() -> None:
     quiet.silence_known_noise()
     base, _tok = load_base_model(resolve_model_dir(ModelConfig()))
     base.to(args.device)  # before LoRA is attached (see the Opacus+peft notes)
-    lora = LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=list(LORA_TARGETS))
+    lora = LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=["all"])
+    n_targets = len(resolve_targets(base, lora.target_modules))
     names = ["lora"] + (["lora-compiled"] if cuda or args.compile else []) + ["dp-hooks", "dp-lora"]
     if args.variants:
         names = [n for n in names if n in args.variants.split(",")]
@@ -125,7 +126,7 @@ def main() -> None:
     del base
     gc.collect()
 
-    print(f"{args.device}: SmolLM2-135M, LoRA r={args.rank} on {len(LORA_TARGETS)} projections (FFA), batch "
+    print(f"{args.device}: SmolLM2-135M, LoRA r={args.rank} on {n_targets} projections (FFA), batch "
           f"{batch_size} x {seq}, {'bf16 autocast' if cuda else 'fp32'}, {torch.get_num_threads()} threads, "
           f"{args.warmup} warm-up + {steps} timed steps per variant, interleaved", flush=True)
     for i in range(args.warmup + steps):

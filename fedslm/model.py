@@ -170,7 +170,13 @@ def build_tiny(t: TinyModelConfig, out_dir: Path) -> None:
 
 
 def _fix_special_tokens(model, tok) -> None:
-    """Chat models stop on <|im_end|>; make eos and pad agree everywhere."""
+    """A chat model must stop where its template ends an assistant turn: make that token
+    (ChatML's <|im_end|>, Gemma's <end_of_turn>, Phi-3's <|end|>, Llama-3's <|eot_id|>)
+    the eos that training appends to every answer and generation stops on, and make eos
+    and pad agree everywhere."""
+    end = turn_end_token(tok)
+    if end is not None and end != tok.eos_token:
+        tok.eos_token = end
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     for cfg in (model.config, model.generation_config):
@@ -178,14 +184,60 @@ def _fix_special_tokens(model, tok) -> None:
         cfg.pad_token_id = tok.pad_token_id
 
 
-def load_base_model(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local directory, ready for LoRA training."""
+_ANSWER_MARK = "FEDSLM_ANSWER_MARK"
+
+
+def turn_end_token(tok) -> str | None:
+    """The special token the chat template writes right after an assistant's content, or
+    None (no template, or plain text follows)."""
+    if tok.chat_template is None:
+        return None
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _ANSWER_MARK}],
+                                       tokenize=False)
+    except Exception:  # a template that renders no assistant turns cannot say
+        return None
+    after = text[text.index(_ANSWER_MARK) + len(_ANSWER_MARK):] if _ANSWER_MARK in text else ""
+    specials = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()), key=len, reverse=True)
+    return next((t for t in specials if t and after.startswith(t)), None)
+
+
+def load_base_model(model_dir: Path, device: str = "cpu", precision: str = "fp32", quantize: str = "none"):
+    """(model, tokenizer) from a local directory, ready for LoRA training, on `device`
+    (train.device: auto|cpu|cuda|mps) with the frozen base in `precision` (auto|fp32|bf16)
+    or, with quantize=4bit, in bitsandbytes NF4 (CUDA only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedslm.device import resolve_device, resolve_precision
+
+    where = resolve_device(device)
+    dtype = resolve_precision(precision, where)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    _fix_special_tokens(model, tok)
-    model.config.use_cache = False  # the KV cache only costs memory in training
+    if quantize == "4bit":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **quantized_4bit(where, dtype))
+    elif quantize == "none":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(where)
+    else:
+        raise ValueError(f"model.quantize={quantize!r}: allowed values: {', '.join(QUANTIZE)}")
     if tok.chat_template is None:
         tok.chat_template = CHATML_TEMPLATE
+    _fix_special_tokens(model, tok)
+    model.config.use_cache = False  # the KV cache only costs memory in training
     return model, tok
+
+
+QUANTIZE = ("none", "4bit")
+
+
+def quantized_4bit(device: torch.device, compute_dtype: torch.dtype) -> dict:
+    """from_pretrained arguments for an NF4 base (QLoRA: 4-bit NormalFloat weights with
+    double-quantised scales, computed in bf16). bitsandbytes is the optional [gpu] extra."""
+    from transformers import BitsAndBytesConfig
+
+    from fedslm.device import check_hardware
+
+    check_hardware(str(device.type), "4bit")
+    compute = torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            "dtype": compute, "device_map": {"": device.index or 0}}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedslm import quiet
 from fedslm.config import RunConfig
+from fedslm.device import check_hardware
 from fedslm.data.sites import format_site_table, is_synthetic, site_table
 from fedslm.model import resolve_model_dir
 from fedslm.site.runtime import PREFIX_CACHE_DIR
@@ -18,6 +19,35 @@ from fedslm.site.runtime import PREFIX_CACHE_DIR
 
 class FederationFailed(RuntimeError):
     pass
+
+
+def ray_backend(cfg: RunConfig) -> dict:
+    """Flower's Ray backend config: each site process's CPUs and share of a GPU, and either
+    a private Ray instance sized to this machine or an existing cluster."""
+    fed = cfg.federation
+    if fed.ray_address:
+        # a running cluster brings its own resources; Ray refuses num_cpus from a driver
+        # that connects to one
+        init = {"address": fed.ray_address, "logging_level": "ERROR"}
+    else:
+        init = {"num_cpus": fed.ray_cpus or os.cpu_count() or 1, "include_dashboard": False, "logging_level": "ERROR"}
+    return {"client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": gpus_per_site(cfg)}, "init_args": init}
+
+
+def gpus_per_site(cfg: RunConfig) -> float:
+    """federation.gpus_per_site, or (auto) nothing without a GPU and otherwise the GPUs shared
+    by the site processes that run at once (Ray CPUs / CPUs per site), at most one each."""
+    fed = cfg.federation
+    if fed.gpus_per_site >= 0:
+        return float(fed.gpus_per_site)
+    from fedslm.device import resolve_device
+
+    if resolve_device(cfg.train.device).type != "cuda":
+        return 0.0
+    import torch
+
+    at_once = min(fed.sites, max(1, int((fed.ray_cpus or os.cpu_count() or 1) / fed.cpus_per_site)))
+    return min(1.0, torch.cuda.device_count() / at_once)
 
 
 def simulate(cfg: RunConfig, echo=print) -> dict:
@@ -34,8 +64,9 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
     # Convert/build the base model once here, before any site process starts, so the
     # sites only ever read the safetensors cache.
     t0 = time.perf_counter()
+    device = check_hardware(cfg.train.device, cfg.model.quantize)
     model_dir = resolve_model_dir(cfg.model)
-    echo(f"base model: {model_dir} ({time.perf_counter() - t0:.1f}s to prepare)")
+    echo(f"base model: {model_dir} ({time.perf_counter() - t0:.1f}s to prepare); sites train on {device.type}")
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,14 +80,11 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
     echo(format_site_table(table))
     (run_dir / "sites.json").write_text(json.dumps(table, indent=2))
     fed = cfg.federation
-    backend = {
-        "client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": fed.ray_cpus or os.cpu_count() or 1,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-        },
-    }
+    backend = ray_backend(cfg)
+    if fed.ray_address:
+        echo(f"ray: attaching to the cluster at {fed.ray_address}")
+    if backend["client_resources"]["num_gpus"]:
+        echo(f"sites on the GPU: {backend['client_resources']['num_gpus']:g} of a GPU per site process")
     start = time.perf_counter()
     try:
         run_simulation(

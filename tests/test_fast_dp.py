@@ -10,7 +10,7 @@ import torch
 from opacus import GradSampleModule
 
 from fedslm.lora.adapter import attach_lora
-from fedslm.lora.adapter import LORA_TARGETS
+from fedslm.lora.targets import resolve_targets
 from fedslm.config import PrivacyConfig, validate
 from fedslm.data.clinic import generate_site
 from fedslm.data.tokenize import TokenizedDataset, make_collate
@@ -50,7 +50,9 @@ def _grad_samples(pm, batch, wrap):
 def test_per_sample_gradients_equal_opacus_hooks_for_every_target(tiny, tiny_cfg, freeze_a):
     model, tok = tiny
     model = model.double()
-    tiny_cfg.lora.target_modules = list(LORA_TARGETS)
+    tiny_cfg.lora.target_modules = ["all"]
+    every = resolve_targets(model, ["all"])
+    assert len(every) == 7  # a Llama layer's seven projections
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=freeze_a)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -63,8 +65,8 @@ def test_per_sample_gradients_equal_opacus_hooks_for_every_target(tiny, tiny_cfg
     fast, _ = _grad_samples(fast_model, batch, wrap_lora_for_dp)
 
     assert set(fast) == set(reference)
-    targets = {t for t in LORA_TARGETS if any(f".{t}.lora_B." in n for n in fast)}
-    assert targets == set(LORA_TARGETS)
+    targets = {t for t in every if any(f".{t}.lora_B." in n for n in fast)}
+    assert targets == set(every)
     assert any(".lora_A." in n for n in fast) != freeze_a
     for name, ref in reference.items():
         assert fast[name].shape == ref.shape == (5, *ref.shape[1:])

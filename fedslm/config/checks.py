@@ -20,7 +20,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from fedslm.data.records import LOSS_ON, SHAPES
     from fedslm.data.sites import PARTITIONERS
     from fedslm.lora.schemes import RULES, SCHEMES
-    from fedslm.model import SOURCES
+    from fedslm.device import DEVICES, PRECISIONS
+    from fedslm.model import QUANTIZE, SOURCES
     from fedslm.privacy.accounting import ACCOUNTANTS
     from fedslm.privacy.client_level import CLIPPING
     from fedslm.privacy.dp_step import GRAD_SAMPLE_MODES
@@ -31,6 +32,9 @@ def choices() -> dict[str, tuple[str, ...]]:
 
     return {
         "model.source": tuple(SOURCES),
+        "model.quantize": tuple(QUANTIZE),
+        "train.device": tuple(DEVICES),
+        "train.precision": tuple(PRECISIONS),
         "data.shape": tuple(SHAPES),
         "data.loss_on": tuple(LOSS_ON),
         "data.partitioner": tuple(PARTITIONERS),
@@ -78,11 +82,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(cfg.lora.alpha > 0, "lora.alpha", f"got {cfg.lora.alpha}, must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"got {cfg.lora.dropout}, must be in [0, 1)")
     from fedslm.data.sources import FILE_FORMATS
-    from fedslm.lora.adapter import LORA_TARGETS
+    from fedslm.lora.targets import ALIASES
 
-    bad = [m for m in cfg.lora.target_modules if m not in LORA_TARGETS]
+    # names are checked against the model itself when LoRA is attached (fedslm.lora.targets)
+    bad = [m for m in cfg.lora.target_modules if not str(m).isidentifier()]
     need(bool(cfg.lora.target_modules) and not bad, "lora.target_modules",
-         f"got {bad or 'an empty list'}, allowed values: {', '.join(LORA_TARGETS)}")
+         f"got {bad or 'an empty list'}; give module names (q_proj, v_proj, ...) or one of: {', '.join(ALIASES)}")
     _validate_strategy(cfg, need, problems)
     if cfg.privacy.grad_sample_mode == "ghost" and cfg.train.max_physical_batch:
         problems.append("train.max_physical_batch: not supported with privacy.grad_sample_mode=ghost; use hooks")
@@ -158,6 +163,10 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"got {f.min_sites}, must be in [0, federation.sites={f.sites}] (0 = all)")
     need(f.cpus_per_site > 0, "federation.cpus_per_site", "must be > 0")
     need(f.ray_cpus >= 0, "federation.ray_cpus", "must be >= 0 (0 = all cores)")
+    need(f.gpus_per_site == -1 or 0 <= f.gpus_per_site <= 1, "federation.gpus_per_site",
+         f"got {f.gpus_per_site}, must be a share of one GPU in [0, 1] (0.25: four sites per GPU) or -1 (auto)")
+    need(f.ray_address is None or bool(str(f.ray_address).strip()), "federation.ray_address",
+         "give the cluster's head as HOST:PORT (or auto), or leave it unset for a private Ray instance")
     need(f.timeout_s > 0, "federation.timeout_s", "must be > 0")
     need(cfg.server_eval.limit >= 0, "server_eval.limit", "must be >= 0 (0 = all)")
     # whether output_dir holds a run to continue is the server's check (sites validate

@@ -34,6 +34,9 @@ class ModelConfig:
     path: Optional[str] = None
     # Where converted/built models are cached; None -> $FEDSLM_CACHE or ~/.cache/fedslm.
     cache_dir: Optional[str] = None
+    # none, or 4bit: the frozen base in bitsandbytes NF4 (QLoRA; CUDA only, the [gpu]
+    # extra). The LoRA factors, their per-sample gradients and the DP step stay fp32.
+    quantize: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -134,6 +137,12 @@ class TrainConfig:
     max_physical_batch: int = 0
     # torch threads per client process; 0 = leave torch's default.
     threads: int = 1
+    # Where sites (and the server's warm start, evaluation and export) run: auto picks
+    # cuda, then mps, then cpu, on each machine for itself.
+    device: str = "auto"
+    # The frozen base's precision: auto = bf16 (autocast) on a CUDA GPU that has it, else
+    # fp32. LoRA weights, per-sample gradients, clipping, noise and accounting stay fp32.
+    precision: str = "auto"
     progress: bool = True
 
     def steps_for(self, num_examples: int) -> int:
@@ -201,6 +210,14 @@ class FederationConfig:
     # Rounds go on only if at least this many sites reply; 0 means all sites.
     min_sites: int = 0
     cpus_per_site: float = 1.0
+    # Share of a GPU each simulated site's process reserves (Ray's num_gpus): 0.25 packs
+    # four sites on one GPU. -1 = auto: 0 without a GPU (or with train.device=cpu), else
+    # the GPUs spread over the sites that run at once.
+    gpus_per_site: float = -1.0
+    # An existing Ray cluster to run the simulation on ("auto", or "HOST:PORT" of its
+    # head) instead of a private one on this machine; the cluster's own CPUs and GPUs are
+    # then the pool, and federation.ray_cpus is not used.
+    ray_address: Optional[str] = None
     # Ray's CPU pool for the simulation; 0 = this machine's core count. 3: one process per
     # site for the demo's three sites at once, which on 2 cores beats a second wave.
     ray_cpus: int = 3

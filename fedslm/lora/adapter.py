@@ -12,9 +12,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedslm.config import LoraConfig
-
-# the projections of a Llama-shaped decoder layer LoRA can target
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from fedslm.lora.targets import resolve_targets
 
 
 class AdapterMismatchError(ValueError):
@@ -35,7 +33,7 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, freeze_a: bool) -> Peft
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=resolve_targets(model, list(cfg.target_modules)),
         # the top K layers only: the layers below stay frozen (fedslm.lora.frozen_prefix)
         layers_to_transform=list(range(depth - cfg.layers, depth)) if 0 < cfg.layers < depth else None,
         bias="none",

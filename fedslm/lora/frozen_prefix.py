@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedslm.atomic import write_atomic
 from fedslm.data.tokenize import TokenizedDataset, make_collate
+from fedslm.device import autocast, model_device, to_device
 
 
 def first_trained_layer(model) -> int:
@@ -92,11 +93,16 @@ class CachedStates(Dataset):
             for i in range(first, len(decoder.layers)):
                 decoder.layers[i] = _PassThrough()
             loader = DataLoader(tokens, batch_size=batch_size, shuffle=False, collate_fn=make_collate(pad_id))
+            device = model_device(model)
             for batch in loader:
                 captured.clear()
-                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                batch = to_device(batch, device)
+                with autocast(model):
+                    decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 lengths = batch["attention_mask"].sum(dim=1).tolist()
-                states.extend(captured[0][j, :n].clone() for j, n in enumerate(lengths))
+                # kept in host memory (a site's whole split would crowd an accelerator's);
+                # each batch moves its rows back in sequence_losses
+                states.extend(captured[0][j, :n].to("cpu", copy=True) for j, n in enumerate(lengths))
                 if progress:
                     progress(len(states), len(tokens))
         finally:

@@ -41,8 +41,10 @@ class _PerSampleLinear(torch.autograd.Function):
         # factor is fp32: compute in the gradient's dtype, hand x its own dtype back
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         n = grad_out.shape[0]
-        g = grad_out.reshape(n, -1, grad_out.shape[-1])
-        a = x.reshape(n, -1, x.shape[-1]).to(grad_out.dtype)
+        # the per-sample gradients, and so the clipping and noise Opacus applies to them,
+        # are in the factor's own dtype (fp32), whatever precision the forward ran in
+        g = grad_out.reshape(n, -1, grad_out.shape[-1]).to(weight.dtype)
+        a = x.reshape(n, -1, x.shape[-1]).to(weight.dtype)
         # the loss is a mean over the batch; each sample's own gradient is n times its share
         per_sample = torch.bmm(g.transpose(1, 2), a)
         per_sample.mul_(n)

@@ -8,6 +8,7 @@ site's ledger. This module owns the choice of how per-sample gradients are obtai
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,7 @@ class PrivateStep:
         # Opacus's floating-point-safe Gaussian sampling (sum of four draws), which its
         # secure_mode would turn on; here only the noise sampling is switched
         self.optimizer.secure_mode = True
+        self.optimizer.add_noise = types.MethodType(_add_noise_from_host, self.optimizer)
         self._criterion = private[2] if self.ghost else None
 
     def backward(self, per_sequence: torch.Tensor) -> None:
@@ -106,6 +108,25 @@ class PrivateStep:
 
     def ledger(self) -> PrivacyLedger:
         return PrivacyLedger(list(self.engine.accountant.history))
+
+
+def _add_noise_from_host(optimizer) -> None:
+    """Opacus's add_noise, with the noise drawn on the host from the secret CPU generator
+    (fedslm.privacy.randomness) and moved to the parameter's device. Opacus draws on the
+    parameter's device, which for a GPU would need a CUDA generator: a Philox seeded
+    from 64 bits, where the host's Mersenne Twister holds 19,968 bits from os.urandom.
+    LoRA's gradients are small, so the copy costs little."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+    # (as Opacus's ghost-clipping optimizer does: an adjusted multiplier, if one is set)
+    std = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier) * optimizer.max_grad_norm
+    for p in optimizer.params:
+        _check_processed_flag(p.summed_grad)
+        host = torch.empty(p.summed_grad.shape, dtype=p.summed_grad.dtype)  # shape and dtype only
+        noise = _generate_noise(std=std, reference=host, generator=optimizer.generator,
+                                secure_mode=optimizer.secure_mode)
+        p.grad = (p.summed_grad + noise.to(p.summed_grad.device, non_blocking=True)).view_as(p)
+        _mark_as_processed(p.summed_grad)
 
 
 def clear_grad_samples(params) -> None:

@@ -50,7 +50,7 @@ def warm_start(cfg: RunConfig, model_dir: Path, scheme, start: dict, echo=print)
     ws = cfg.warm_start
     began = time.perf_counter()
     examples, system_prompt, described = public_examples(cfg)
-    model, tok = load_base_model(model_dir)
+    model, tok = load_base_model(model_dir, cfg.train.device, cfg.train.precision, cfg.model.quantize)
     pm = attach_lora(model, cfg.lora, freeze_a=not scheme.trains_a)
     load_adapter_state(pm, scheme.site_start(start, cfg.lora.r, None))
     data = TokenizedDataset.from_records(tok, examples, cfg.data.max_length, system_prompt, cfg.data.loss_on)

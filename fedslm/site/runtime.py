@@ -75,13 +75,14 @@ def site_rank(cfg: RunConfig, context: Context, site: int) -> int:
 def runtime_for(cfg: RunConfig, rank: int | None = None) -> SiteRuntime:
     p = cfg.privacy
     rank = rank or cfg.lora.r
+    t = cfg.train
     key = (str(resolve_model_dir(cfg.model)), repr(cfg.lora), rank, cfg.strategy.name, p.enabled, p.grad_sample_mode,
-           p.max_grad_norm)
+           p.max_grad_norm, t.device, t.precision, cfg.model.quantize)
     if key not in _RUNTIMES:
         quiet.silence_known_noise()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        model, tok = load_base_model(resolve_model_dir(cfg.model))
+        model, tok = load_base_model(resolve_model_dir(cfg.model), t.device, t.precision, cfg.model.quantize)
         lora = dataclasses.replace(cfg.lora, r=rank)
         peft_model = attach_lora(model, lora, freeze_a=not SCHEMES[cfg.strategy.name].trains_a)
         own_init = adapter_state(peft_model, trainable_only=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from fedslm.data.tokenize import chat_prompt
+from fedslm.device import autocast, model_device, to_device
 
 
 class NotAModelError(FileNotFoundError):
@@ -25,14 +26,16 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 64, system_pro
 @torch.no_grad()
 def _generate_ids(model, tokenizer, ids, max_new_tokens: int, temperature: float, top_p: float, streamer) -> str:
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = model.generate(
-        **ids,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        streamer=streamer,
-        **sampling,
-    )
+    ids = to_device(dict(ids), model_device(model))
+    with autocast(model):
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -47,11 +50,12 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return path
 
 
-def load_model_dir(model_dir: str | Path):
-    """(model, tokenizer) of a Hugging Face model directory, or NotAModelError saying why not."""
+def load_model_dir(model_dir: str | Path, device: str = "auto"):
+    """(model, tokenizer) of a Hugging Face model directory, or NotAModelError saying why
+    not, on `device` (auto: a GPU if there is one, in bf16 there)."""
     from fedslm.model import load_base_model
 
-    return load_base_model(check_model_dir(model_dir))
+    return load_base_model(check_model_dir(model_dir), device, "auto")
 
 
 def stream_answer(model_dir: str | Path, question: str, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -105,9 +109,11 @@ def greedy_answers(model, tokenizer, prompts: list[str], system_prompt: str | No
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            enc = to_device(dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)),
+                            model_device(model))
+            with autocast(model):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side

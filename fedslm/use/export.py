@@ -13,6 +13,7 @@ from fedslm.lora.adapter import adapter_state, attach_lora, load_adapter_state
 from fedslm.config import RunConfig, to_run_config
 from fedslm.data.tokenize import chat_prompt
 from fedslm.use.card import model_card
+from fedslm.device import model_device
 from fedslm.model import load_base_model
 
 # fp32 merge changes the summation order of W x + B A x; on SmolLM2 (logits of order 10)
@@ -32,7 +33,9 @@ class ParityError(RuntimeError):
 def build_adapted(model_dir: Path, cfg: RunConfig, tensors: dict[str, torch.Tensor], rank: int, alpha: float):
     """(peft model with the global adapter loaded, tokenizer). `tensors` holds every A and B
     of a rank-`rank` adapter (a strategy's peft view of its global adapter)."""
-    base, tok = load_base_model(model_dir)
+    # fp32 whatever the run trained in: the parity check's reference is base + adapter in
+    # fp32 (a 4-bit run's adapter is merged into the unquantised base; the card says so)
+    base, tok = load_base_model(model_dir, cfg.train.device, "fp32")
     lora = dataclasses.replace(cfg.lora, r=rank, alpha=alpha, site_ranks=[])
     peft_model = attach_lora(base, lora, freeze_a=False)
     load_adapter_state(peft_model, tensors, trainable_only=False)
@@ -46,8 +49,8 @@ def merge_parity(peft_model, merged, tok, prompts: list[str]) -> float:
     worst = 0.0
     for p in prompts:
         ids = tok(chat_prompt(tok, p), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        a = peft_model(input_ids=ids).logits.float()
-        b = merged(input_ids=ids).logits.float()
+        a = peft_model(input_ids=ids.to(model_device(peft_model))).logits.float().cpu()
+        b = merged(input_ids=ids.to(model_device(merged))).logits.float().cpu()
         worst = max(worst, (a - b).abs().max().item())
     return worst
 

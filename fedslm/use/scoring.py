@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fedslm.device import autocast, base_dtype, model_device
+
 
 def exact_match(predictions: list[str], answers: list[str]) -> float:
     """Share of predictions equal to the answer, ignoring case and surrounding space."""
@@ -98,12 +100,17 @@ class OptionScorer:
         self.tree = _OptionTree(options)
         model.eval()
         self.decoder, self.logprobs = _head(model)
-        self.dtype = next(self.decoder.parameters()).dtype
+        self.dtype, self.device = base_dtype(self.decoder), model_device(self.decoder)
+        self.autocast = autocast(self.decoder)
         # full-length layers even for sliding-window models: the tree's mask is explicit
         self.cache, self.prefix = DynamicCache(), list(shared_prefix)
         self.window = getattr(self.decoder.config, "sliding_window", None)
         if self.prefix:
-            self.decoder(input_ids=torch.tensor([self.prefix]), past_key_values=self.cache, use_cache=True)
+            with torch.no_grad(), self.autocast:
+                self.decoder(input_ids=self._tensor([self.prefix]), past_key_values=self.cache, use_cache=True)
+
+    def _tensor(self, rows) -> torch.Tensor:
+        return torch.tensor(rows, device=self.device)
 
     def _start(self, prompt_ids: list[int]) -> torch.Tensor:
         """Put a prompt in the cache (after the shared prefix); its next-token log-probs."""
@@ -116,9 +123,11 @@ class OptionScorer:
                              f"({self.window}); shorten data.max_length")
         self.cache.crop(-(self.cache.get_seq_length() - n)) if self.cache.get_seq_length() > n else None
         self.prompt_len, self.slot = len(prompt_ids), {}
-        out = self.decoder(input_ids=torch.tensor([prompt_ids[n:]]), position_ids=torch.arange(n, len(prompt_ids))[None],
-                           past_key_values=self.cache, use_cache=True)
-        return self.logprobs(out.last_hidden_state[0, -1:])[0]
+        with self.autocast:
+            out = self.decoder(input_ids=self._tensor([prompt_ids[n:]]),
+                               position_ids=torch.arange(n, len(prompt_ids), device=self.device)[None],
+                               past_key_values=self.cache, use_cache=True)
+        return self.logprobs(out.last_hidden_state[0, -1:])[0].cpu()  # read item by item below
 
     def _run(self, nodes: list[int]) -> torch.Tensor:
         """Log-probabilities predicted at each node, shape (len(nodes), vocab). A node's
@@ -126,6 +135,7 @@ class OptionScorer:
         tree, start = self.tree, self.prompt_len + len(self.slot)
         for k, n in enumerate(nodes):
             self.slot[n] = start + k
+        # built on the host (one small write per ancestor), moved once
         mask = torch.full((1, 1, len(nodes), start + len(nodes)), torch.finfo(self.dtype).min, dtype=self.dtype)
         mask[..., :self.prompt_len] = 0
         for k, n in enumerate(nodes):
@@ -133,11 +143,12 @@ class OptionScorer:
             while a > 0:
                 mask[0, 0, k, self.slot[a]] = 0
                 a = tree.parent[a]
-        ids = torch.tensor([[tree.token[n] for n in nodes]])
-        pos = torch.tensor([[self.prompt_len + tree.depth[n] - 1 for n in nodes]])
-        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                              use_cache=True).last_hidden_state[0]
-        return self.logprobs(hidden)
+        ids = self._tensor([[tree.token[n] for n in nodes]])
+        pos = self._tensor([[self.prompt_len + tree.depth[n] - 1 for n in nodes]])
+        with self.autocast:
+            hidden = self.decoder(input_ids=ids, attention_mask=mask.to(self.device), position_ids=pos,
+                                  past_key_values=self.cache, use_cache=True).last_hidden_state[0]
+        return self.logprobs(hidden).cpu()
 
     @torch.no_grad()
     def scores(self, prompt_ids: list[int]) -> torch.Tensor:

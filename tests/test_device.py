@@ -1,0 +1,208 @@
+"""Devices and precision (train.device, train.precision, model.quantize), the GPU share
+of simulated sites, and a simulation attached to a Ray cluster that runs apart from it.
+
+The CUDA paths cannot run on the CPU-only test machines; what they share with the CPU is
+tested here with the CPU's own bf16 autocast (the same code: a bf16 base, fp32 LoRA
+factors, fp32 per-sample gradients, clipping and noise)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedslm.config import ConfigError, validate
+from fedslm.data.clinic import generate_site
+from fedslm.data.tokenize import TokenizedDataset, make_collate
+from fedslm.device import DeviceError, autocast, base_dtype, check_hardware, resolve_device
+from fedslm.lora.adapter import attach_lora
+from fedslm.lora.grad_sample import wrap_lora_for_dp
+from fedslm.losses import sequence_losses
+from fedslm.model import load_base_model, resolve_model_dir
+from fedslm.privacy.accounting import PrivacyLedger
+from fedslm.privacy.dp_step import wrap_for_dp
+from fedslm.privacy.plan import plan_dp
+from fedslm.train import DPContext, train_local
+from simulations.simulate import gpus_per_site, ray_backend
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+@no_cuda
+def test_a_device_that_is_not_there_is_refused_with_what_is(tiny_cfg):
+    assert resolve_device("auto").type in ("cpu", "mps")
+    with pytest.raises(DeviceError, match=r"train.device=cuda, but this machine has no usable CUDA GPU \(available: cpu"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="model.quantize=4bit needs a CUDA GPU.*use model.quantize=none"):
+        check_hardware("auto", "4bit")
+    tiny_cfg.model.quantize = "4bit"
+    with pytest.raises(DeviceError, match="model.quantize=4bit needs a CUDA GPU"):
+        from simulations.simulate import simulate
+
+        simulate(tiny_cfg, echo=lambda *_: None)
+    assert not Path(tiny_cfg.output_dir, "summary.json").exists()
+
+
+def test_bad_device_settings_are_named(tiny_cfg):
+    tiny_cfg.train.device, tiny_cfg.train.precision, tiny_cfg.model.quantize = "tpu", "fp8", "3bit"
+    tiny_cfg.federation.gpus_per_site = 2.0
+    with pytest.raises(ConfigError) as err:
+        validate(tiny_cfg)
+    text = str(err.value)
+    for key in ("train.device: got 'tpu', allowed values: auto, cpu, cuda, mps", "train.precision: got 'fp8'",
+                "model.quantize: got '3bit', allowed values: none, 4bit", "federation.gpus_per_site: got 2.0"):
+        assert key in text
+
+
+def test_cpu_stays_fp32_by_default(tiny_cfg):
+    model, _ = load_base_model(resolve_model_dir(tiny_cfg.model), tiny_cfg.train.device, tiny_cfg.train.precision)
+    if not torch.cuda.is_available():
+        assert base_dtype(model) == torch.float32 and next(model.parameters()).device.type in ("cpu", "mps")
+
+
+def _batch(tok, n=4):
+    ds = TokenizedDataset.from_records(tok, generate_site(0, n, seed=5), 256)
+    return make_collate(tok.pad_token_id)([ds[i] for i in range(n)])
+
+
+def test_bf16_base_keeps_lora_and_per_sample_gradients_in_fp32(tiny_cfg):
+    """A bf16 base under autocast (CUDA's default; here the CPU's bf16): the LoRA factors,
+    their per-sample gradients and so the clipping stay fp32, and match Opacus's hooks on
+    the same model to bf16's precision and the fp32 model's to a few percent."""
+    path = resolve_model_dir(tiny_cfg.model)
+    model, tok = load_base_model(path, "cpu", "bf16")
+    assert base_dtype(model) == torch.bfloat16
+    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
+    assert isinstance(autocast(pm), torch.autocast)
+    batch = _batch(tok)
+
+    def grads(m, wrap):
+        wrap(m)
+        sequence_losses(m, batch).mean().backward()
+        return {n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad}
+
+    fast = grads(copy.deepcopy(pm), wrap_lora_for_dp)
+    hooks = grads(copy.deepcopy(pm), lambda m: GradSampleModule(m, batch_first=True, loss_reduction="mean"))
+    fp32 = grads(copy.deepcopy(pm).float(), wrap_lora_for_dp)  # the same weights, all in fp32, no autocast
+    assert set(fast) == set(hooks) == set(fp32)
+    for name in fast:
+        assert fast[name].dtype == torch.float32
+        scale = fp32[name].abs().max()
+        assert (fast[name] - hooks[name].float()).abs().max() <= 2e-2 * scale, name
+        assert (fast[name] - fp32[name]).abs().max() <= 5e-2 * scale, name
+
+
+def test_a_private_round_on_a_bf16_base(tiny_cfg, reproducible_dp):
+    model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cpu", "bf16")
+    pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
+    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
+    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
+    stats = train_local(pm, data, tiny_cfg.train, tok.pad_token_id, seed=0,
+                        dp=DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])),
+                        grad_sample_module=wrap_for_dp(pm, tiny_cfg.privacy))
+    assert stats.steps == tiny_cfg.train.local_steps and stats.mean_loss == stats.mean_loss
+    trained = [p for p in pm.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() and p.abs().max() > 0 for p in trained)
+
+
+def test_noise_drawn_on_the_host_is_opacus_noise(tiny_cfg, reproducible_dp):
+    """The DP optimizer draws its noise from the secret host generator and moves it to the
+    parameter's device; on the CPU that must be exactly what Opacus's own add_noise adds."""
+    from opacus.optimizers import DPOptimizer
+
+    from fedslm.privacy.dp_step import _add_noise_from_host
+
+    p = torch.nn.Parameter(torch.zeros(5, 3))
+    grads = []
+    for own in (False, True):
+        opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=0.7, max_grad_norm=1.0, expected_batch_size=4,
+                          generator=torch.Generator().manual_seed(3), secure_mode=True)
+        p.summed_grad = torch.ones(5, 3)
+        _add_noise_from_host(opt) if own else opt.add_noise()
+        grads.append(p.grad.clone())
+        p.grad, p.summed_grad = None, None
+    assert torch.equal(grads[0], grads[1]) and grads[0].std() > 0.1
+
+
+def test_gpu_share_and_ray_arguments(tiny_cfg):
+    fed = tiny_cfg.federation
+    if not torch.cuda.is_available():
+        assert gpus_per_site(tiny_cfg) == 0.0  # auto without a GPU
+    fed.gpus_per_site = 0.25
+    assert ray_backend(tiny_cfg)["client_resources"] == {"num_cpus": fed.cpus_per_site, "num_gpus": 0.25}
+    assert "num_cpus" in ray_backend(tiny_cfg)["init_args"]
+    fed.ray_address = "127.0.0.1:6379"
+    init = ray_backend(tiny_cfg)["init_args"]
+    assert init["address"] == "127.0.0.1:6379" and "num_cpus" not in init  # Ray refuses it for a cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """`ray start --head` on 127.0.0.1 as its own process group, stopped afterwards."""
+    port = _free_port()
+    ray = Path(sys.executable).parent / "ray"
+    temp = os.path.join(tempfile.gettempdir(), "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_federation_on_a_running_ray_cluster(tiny_cfg, ray_cluster):
+    from simulations.simulate import simulate
+
+    tiny_cfg.federation.ray_address = ray_cluster
+    tiny_cfg.federation.sites, tiny_cfg.federation.rounds = 2, 1
+    tiny_cfg.privacy.enabled = False
+    tiny_cfg.export_model = False
+    lines: list[str] = []
+    summary = simulate(tiny_cfg, echo=lines.append)
+    assert f"ray: attaching to the cluster at {ray_cluster}" in lines
+    assert summary["rounds"] == 1 and summary["sites"] == 2
+    rows = [json.loads(r) for r in Path(tiny_cfg.output_dir, "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows} == {0, 1}
+    # the cluster outlives the run: another driver still finds it
+    probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{ray_cluster}', logging_level='ERROR');"
+                            "print(int(ray.cluster_resources()['CPU'])); ray.shutdown()"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip().splitlines()[-1] == "2", probe.stderr[-2000:]

@@ -1,5 +1,5 @@
-"""Devices and precision (train.device, train.precision, model.quantize), the GPU share
-of simulated sites, and a simulation attached to a Ray cluster that runs apart from it.
+"""Devices and precision (train.device, train.precision, model.quantize) and the GPU share
+of simulated sites (tests/test_simulation.py runs a federation on a separate Ray cluster).
 
 The CUDA paths cannot run on the CPU-only test machines; what they share with the CPU is
 tested here with the CPU's own bf16 autocast (the same code: a bf16 base, fp32 LoRA
@@ -8,13 +8,6 @@ factors, fp32 per-sample gradients, clipping and noise)."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -149,60 +142,3 @@ def test_gpu_share_and_ray_arguments(tiny_cfg):
     fed.ray_address = "127.0.0.1:6379"
     init = ray_backend(tiny_cfg)["init_args"]
     assert init["address"] == "127.0.0.1:6379" and "num_cpus" not in init  # Ray refuses it for a cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_cluster():
-    """`ray start --head` on 127.0.0.1 as its own process group, stopped afterwards."""
-    port = _free_port()
-    ray = Path(sys.executable).parent / "ray"
-    temp = os.path.join(tempfile.gettempdir(), "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
-@pytest.mark.slow
-def test_a_federation_on_a_running_ray_cluster(tiny_cfg, ray_cluster):
-    from simulations.simulate import simulate
-
-    tiny_cfg.federation.ray_address = ray_cluster
-    tiny_cfg.federation.sites, tiny_cfg.federation.rounds = 2, 1
-    tiny_cfg.privacy.enabled = False
-    tiny_cfg.export_model = False
-    lines: list[str] = []
-    summary = simulate(tiny_cfg, echo=lines.append)
-    assert f"ray: attaching to the cluster at {ray_cluster}" in lines
-    assert summary["rounds"] == 1 and summary["sites"] == 2
-    rows = [json.loads(r) for r in Path(tiny_cfg.output_dir, "metrics.jsonl").read_text().splitlines()]
-    assert {r["site"] for r in rows} == {0, 1}
-    # the cluster outlives the run: another driver still finds it
-    probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{ray_cluster}', logging_level='ERROR');"
-                            "print(int(ray.cluster_resources()['CPU'])); ray.shutdown()"],
-                           capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip().splitlines()[-1] == "2", probe.stderr[-2000:]

@@ -1,10 +1,17 @@
 """A whole federation through Flower's simulation engine (Ray) with a tiny model: the one
-end-to-end run of the real engine; tests/test_federation.py runs the other federations
-with the sites in-process."""
+end-to-end run of the real engine, attached to a Ray cluster started apart from it
+(federation.ray_address) as a multi-node deployment would be; tests/test_federation.py
+runs the other federations with the sites in-process."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +26,54 @@ REQUIRED = {"rounds", "sites", "strategy", "eval_loss_initial", "eval_loss_final
             "target_epsilon", "bytes_up", "bytes_down", "seconds"}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """`ray start --head` on 127.0.0.1 (2 CPUs) as its own process group, stopped afterwards."""
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                             "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={os.path.join(tempfile.gettempdir(), 'ray')}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.time() > deadline:
+            pytest.fail("ray start --head did not listen within 90 s")
+        time.sleep(0.5)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
 @pytest.mark.slow
-def test_three_sites_two_rounds_end_to_end(tiny_cfg):
+def test_three_sites_two_rounds_end_to_end(tiny_cfg, ray_cluster):
     tiny_cfg.federation.sites = 3
     tiny_cfg.federation.rounds = 2
-    tiny_cfg.federation.ray_cpus = 2
+    tiny_cfg.federation.ray_address = ray_cluster  # the cluster's 2 CPUs, not a private Ray
     tiny_cfg.train.threads = 1
     tiny_cfg.server_eval.task = "perplexity"  # the server scores the sites' held-out rows too
-    summary = simulate(tiny_cfg, echo=lambda *_: None)
+    lines: list[str] = []
+    summary = simulate(tiny_cfg, echo=lines.append)
     run = Path(tiny_cfg.output_dir)
+    assert f"ray: attaching to the cluster at {ray_cluster}" in lines
 
     on_disk = json.loads((run / "summary.json").read_text())
     assert REQUIRED <= set(on_disk)
@@ -74,3 +120,9 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg):
 
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.eos_token_id == model.config.pad_token_id
+
+    # the cluster outlives the run: another driver still finds it, with its 2 CPUs
+    probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{ray_cluster}', logging_level='ERROR');"
+                            "print(int(ray.cluster_resources()['CPU'])); ray.shutdown()"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip().splitlines()[-1:] == ["2"], probe.stderr[-2000:]

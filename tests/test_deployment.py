@@ -105,9 +105,9 @@ def test_a_site_runs_only_apps_signed_by_a_key_it_trusts(fed, tmp_path):
 
 def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
     out = tmp_path / "run"
-    # round 1 waits federation.timeout_s for the lost site's reply: 45 s still covers a
-    # loaded machine's slowest live reply (the first, which starts the app host)
-    run = fed.run_async(_config(fed, out, **{"federation.timeout_s": 45.0}))
+    # round 1 waits federation.timeout_s for the lost site's reply: 30 s still covers a
+    # loaded machine's slowest live reply (round 0's, which starts the app host)
+    run = fed.run_async(_config(fed, out, **{"federation.timeout_s": 30.0}))
     # site 1 drops when the rounds begin: round 1 goes on with site 0 alone (min_sites=1)
     wait_for(lambda: "round 0 (base model)" in run.text(), 240, "round 0", run)
     fed.nodes[1].kill()

@@ -8,6 +8,7 @@ factors, fp32 per-sample gradients, clipping and noise)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,58 @@ def test_gpu_share_and_ray_arguments(tiny_cfg):
     fed.ray_address = "127.0.0.1:6379"
     init = ray_backend(tiny_cfg)["init_args"]
     assert init["address"] == "127.0.0.1:6379" and "num_cpus" not in init  # Ray refuses it for a cluster
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none)")
+
+
+@cuda_only
+def test_on_cuda_a_bf16_private_round_keeps_fp32_dp_arithmetic(tiny_cfg, reproducible_dp):
+    model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cuda", "auto")
+    assert model.device.type == "cuda"
+    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    batch = _batch(tok)
+
+    def grads(m, wrap):
+        wrap(m)
+        sequence_losses(m, batch).mean().backward()
+        return {n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad}
+
+    fast = grads(copy.deepcopy(pm), wrap_lora_for_dp)
+    hooks = grads(copy.deepcopy(pm), lambda m: GradSampleModule(m, batch_first=True, loss_reduction="mean"))
+    for name in fast:
+        assert fast[name].dtype == torch.float32 and fast[name].device.type == "cuda"
+        assert (fast[name] - hooks[name].float()).abs().max() <= 2e-2 * fast[name].abs().max(), name
+    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
+    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
+    stats = train_local(pm, data, tiny_cfg.train, tok.pad_token_id, seed=0,
+                        dp=DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])),
+                        grad_sample_module=wrap_for_dp(pm, tiny_cfg.privacy))
+    assert stats.steps == tiny_cfg.train.local_steps
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
+
+
+@cuda_only
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (pip install -e '.[gpu]')")
+def test_on_cuda_a_4bit_base_trains_privately(tiny_cfg, reproducible_dp):
+    model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cuda", "auto", "4bit")
+    pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
+    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
+    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
+    stats = train_local(pm, data, tiny_cfg.train, tok.pad_token_id, seed=0,
+                        dp=DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])),
+                        grad_sample_module=wrap_for_dp(pm, tiny_cfg.privacy))
+    assert stats.steps == tiny_cfg.train.local_steps and stats.ledger.steps == stats.steps
+
+
+def test_the_card_says_when_the_sites_trained_on_a_4bit_base(tiny_cfg):
+    from fedslm.use.card import model_card
+
+    plain = model_card(tiny_cfg, {"level": "none"}, 1e-5, 4, 8)
+    tiny_cfg.model.quantize = "4bit"
+    quantized = model_card(tiny_cfg, {"level": "none"}, 1e-5, 4, 8)
+    assert "NF4" not in plain and "trained on an NF4 (4-bit, bitsandbytes) copy of the base" in quantized

@@ -7,6 +7,14 @@ from fedslm.config import RunConfig
 from fedslm.privacy.report import guarantee_text
 
 
+def _quantized_note(cfg: RunConfig) -> str:
+    if cfg.model.quantize != "4bit":
+        return ""
+    return ("The sites trained on an NF4 (4-bit, bitsandbytes) copy of the base. The adapter is merged here into the "
+            "unquantised base, and the check above compares against that base + adapter; the 4-bit base + adapter that "
+            "training saw differs from both by the base's quantisation error.\n")
+
+
 def model_card(cfg: RunConfig, privacy: dict, parity: float, n_tensors: int, rank: int, dtype: str = "fp32",
                cast_parity: float | None = None) -> str:
     guarantee, scope = guarantee_text(privacy)
@@ -24,7 +32,7 @@ then merged into the base weights ({n_tensors} adapter tensors).
 ## Checks
 Merged model vs base + adapter: max |logit difference| = {parity:.2e} on held-out prompts (fp32).
 Weights stored as {dtype}{f"; that copy vs base + adapter (fp32): {cast_parity:.2e}" if dtype != "fp32" and cast_parity is not None else ""}.
-
+{_quantized_note(cfg)}
 ## Files
 `model.safetensors` + `config.json` + tokenizer: load with
 `AutoModelForCausalLM.from_pretrained(dir)`. `privacy.json`: the guarantee as data.

@@ -219,6 +219,23 @@ def _chat(args: argparse.Namespace) -> int:
                                           system_prompt=args.system), (NotAModelError,))
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fedslm.report.compare import compare_command
+
+    return _user_errors("compare", lambda: compare_command(args.dirs, out=args.out), (FileNotFoundError, ValueError))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedslm.report.html import run_report
+
+    def write() -> None:
+        if not Path(args.run_dir).is_dir():
+            raise FileNotFoundError(f"{args.run_dir}: no such run directory")
+        print(f"wrote {run_report(Path(args.run_dir))}")
+
+    return _user_errors("report", write, (FileNotFoundError, ValueError))
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -342,6 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     fp.add_argument("--key", type=Path, required=True, help="its private key (server.key)")
     fp.add_argument("--ca", type=Path, required=True, help="the CA that signed it (ca.crt)")
     fp.set_defaults(func=_fleet_proxy)
+
+    cp = sub.add_parser("compare", help="runs or a sweep side by side: table (compare.csv), frontier.png, report.html")
+    cp.add_argument("dirs", nargs="+", type=Path, help="run directories, or a sweep's multirun/DATE/TIME")
+    cp.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep directory, else .)")
+    cp.set_defaults(func=_compare)
+
+    rp = sub.add_parser("report", help="(re)write a run directory's report.html")
+    rp.add_argument("run_dir", type=Path)
+    rp.set_defaults(func=_report)
 
     t = sub.add_parser("app-config", help="check (or --write) pyproject's Flower run config against conf/")
     t.add_argument("--write", action="store_true")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedslm.config import RunConfig
 from fedslm.data.clinic import SYSTEM_PROMPT, demo_question
 from fedslm.use.chat import answer
 from fedslm.model import load_base_model, resolve_model_dir
+from fedslm.report.html import run_report
 
 
 def print_summary(s: dict, cfg: RunConfig) -> None:
@@ -25,6 +27,12 @@ def show_demo_answers(cfg: RunConfig, max_new_tokens: int = 60) -> None:
     q = demo_question(cfg.seed)
     base, tok = load_base_model(resolve_model_dir(cfg.model))
     tuned, tuned_tok = load_base_model(Path(cfg.output_dir) / "model")
+    answers = {"base model": answer(base, tok, q['prompt'], max_new_tokens, SYSTEM_PROMPT) or "(empty answer)",
+               "federated model": answer(tuned, tuned_tok, q['prompt'], max_new_tokens, SYSTEM_PROMPT) or "(empty answer)"}
     print(f"\nheld-out question: {q['prompt']}")
-    print(f"  base model:      {answer(base, tok, q['prompt'], max_new_tokens, SYSTEM_PROMPT) or '(empty answer)'}")
-    print(f"  federated model: {answer(tuned, tuned_tok, q['prompt'], max_new_tokens, SYSTEM_PROMPT) or '(empty answer)'}")
+    print(f"  base model:      {answers['base model']}")
+    print(f"  federated model: {answers['federated model']}")
+    # into the run's report too
+    run_dir = Path(cfg.output_dir)
+    (run_dir / "demo.json").write_text(json.dumps({"question": q["prompt"], "answers": answers}, indent=2))
+    run_report(run_dir)

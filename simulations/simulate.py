@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from fedslm import quiet
@@ -14,7 +15,9 @@ from fedslm.config import RunConfig
 from fedslm.device import check_hardware
 from fedslm.data.sites import format_site_table, is_synthetic, site_table
 from fedslm.model import resolve_model_dir
+from fedslm.site.progress import LIVE_DIR
 from fedslm.site.runtime import PREFIX_CACHE_DIR
+from simulations.console import LiveConsole
 
 
 class FederationFailed(RuntimeError):
@@ -31,6 +34,9 @@ def ray_backend(cfg: RunConfig) -> dict:
         init = {"address": fed.ray_address, "logging_level": "ERROR"}
     else:
         init = {"num_cpus": fed.ray_cpus or os.cpu_count() or 1, "include_dashboard": False, "logging_level": "ERROR"}
+    # quiet (verbose=false): the sites' output stays out of the console (fedslm.site.progress
+    # sends their lines to run.log); an actor's failure still reaches the driver as an error
+    init["log_to_driver"] = cfg.verbose
     return {"client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": gpus_per_site(cfg)}, "init_args": init}
 
 
@@ -86,16 +92,19 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
     if backend["client_resources"]["num_gpus"]:
         echo(f"sites on the GPU: {backend['client_resources']['num_gpus']:g} of a GPU per site process")
     start = time.perf_counter()
+    console = nullcontext() if cfg.verbose else LiveConsole(run_dir)
     try:
-        run_simulation(
-            server_app=build_server_app(cfg),
-            client_app=build_client_app(cfg),
-            num_supernodes=fed.sites,
-            backend_config=backend,
-        )
+        with console:
+            run_simulation(
+                server_app=build_server_app(cfg),
+                client_app=build_client_app(cfg),
+                num_supernodes=fed.sites,
+                backend_config=backend,
+            )
     finally:
         # the sites' frozen-prefix states (lora.layers) are rows of their data: not an output
         shutil.rmtree(run_dir / PREFIX_CACHE_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir / LIVE_DIR, ignore_errors=True)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise FederationFailed(

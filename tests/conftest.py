@@ -45,6 +45,7 @@ def tiny_cfg(shipped_tiny_cfg, model_cache, tmp_path) -> RunConfig:
     cfg.federation.rounds = 2
     cfg.output_dir = str(tmp_path / "run")
     cfg.demo_answer = False
+    cfg.tracking = "none"  # tests/test_report.py checks the tracker
     return cfg
 
 

@@ -64,7 +64,7 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_three_sites_two_rounds_end_to_end(tiny_cfg, ray_cluster):
+def test_three_sites_two_rounds_end_to_end(tiny_cfg, ray_cluster, capfd):
     tiny_cfg.federation.sites = 3
     tiny_cfg.federation.rounds = 2
     tiny_cfg.federation.ray_address = ray_cluster  # the cluster's 2 CPUs, not a private Ray
@@ -74,6 +74,14 @@ def test_three_sites_two_rounds_end_to_end(tiny_cfg, ray_cluster):
     summary = simulate(tiny_cfg, echo=lines.append)
     run = Path(tiny_cfg.output_dir)
     assert f"ray: attaching to the cluster at {ray_cluster}" in lines
+    # the quiet console (verbose=false): the round table, none of the sites' own output,
+    # which is in run.log instead
+    console = capfd.readouterr()
+    assert "round 2/2" in console.out and "ClientAppActor" not in console.out + console.err
+    assert "train loss" not in console.out + console.err and "Manually terminating" not in console.err
+    site_log = (Path(tiny_cfg.output_dir) / "run.log").read_text()
+    assert all(f"site {s} round 2: train loss" in site_log for s in range(3))
+    assert not (Path(tiny_cfg.output_dir) / ".live").exists()  # the sites' live status is not an output
 
     on_disk = json.loads((run / "summary.json").read_text())
     assert REQUIRED <= set(on_disk)

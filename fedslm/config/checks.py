@@ -25,6 +25,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from fedslm.privacy.accounting import ACCOUNTANTS
     from fedslm.privacy.client_level import CLIPPING
     from fedslm.privacy.dp_step import GRAD_SAMPLE_MODES
+    from fedslm.report.tracking import TRACKERS
     from fedslm.server.optimisers import SERVER_OPTIMISERS
     from fedslm.transport import DTYPES
     from fedslm.use.eval_data import SPLITS
@@ -47,6 +48,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "strategy.server_optimizer": tuple(SERVER_OPTIMISERS),
         "server_eval.task": ("none", *TASKS),
         "server_eval.split": tuple(SPLITS),
+        "tracking": tuple(TRACKERS),
     }
 
 

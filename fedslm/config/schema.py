@@ -297,6 +297,12 @@ class RunConfig:
     output_dir: str = "outputs/latest"
     export_model: bool = True
     demo_answer: bool = True
+    # The experiment tracker: tensorboard (event files in output_dir/tensorboard; a sweep's
+    # jobs show as one experiment: `tensorboard --logdir multirun/DATE/TIME`) or none.
+    tracking: str = "tensorboard"
+    # Simulation console: false shows one live line per site and the round table (the
+    # sites' own lines go to run.log); true prints everything, Ray's actor output included.
+    verbose: bool = False
     # Continue the run in output_dir from its last saved round (global adapter, server
     # optimiser state, round number, the record so far) after the coordinator restarted.
     resume: bool = False

@@ -134,10 +134,29 @@ class SummaryFiles(Writer):
         return path
 
 
+class ReportFile(Writer):
+    """report.html, from what the other writers put in the run directory (they run first)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def finished(self, record: RunRecorder, summary: dict, target_epsilon: float | None) -> None:
+        from fedslm.report.html import run_report
+
+        run_report(self.run_dir)
+
+
 def default_writers(run_dir: Path, rounds: int, meta: dict[str, str], echo=print,
-                    start: str = "base model") -> list[Writer]:
-    """`start`: what round 0 evaluates (the base model, or the public warm start)."""
-    return [Console(rounds, echo, start), MetricsFile(run_dir), AdapterFiles(run_dir, meta), SummaryFiles(run_dir)]
+                    start: str = "base model", tracking: str = "none") -> list[Writer]:
+    """`start`: what round 0 evaluates (the base model, or the public warm start);
+    `tracking`: the experiment tracker (fedslm.report.tracking)."""
+    writers = [Console(rounds, echo, start), MetricsFile(run_dir), AdapterFiles(run_dir, meta), SummaryFiles(run_dir),
+               ReportFile(run_dir)]
+    if tracking == "tensorboard":
+        from fedslm.report.tracking import TensorBoardTracker
+
+        writers.append(TensorBoardTracker(run_dir))
+    return writers
 
 
 def _mb(n: int) -> str:

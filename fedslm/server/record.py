@@ -31,12 +31,13 @@ class RoundLog:
 
 class RunRecorder:
     def __init__(self, run_dir: Path, rounds: int, meta: dict[str, str], echo=print,
-                 writers: list[Writer] | None = None, start: str = "base model"):
+                 writers: list[Writer] | None = None, start: str = "base model", tracking: str = "none"):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds = rounds
         self.meta = meta
-        self.writers = writers if writers is not None else default_writers(self.run_dir, rounds, meta, echo, start)
+        self.writers = writers if writers is not None else default_writers(self.run_dir, rounds, meta, echo, start,
+                                                                                  tracking)
         self.log: dict[int, RoundLog] = defaultdict(RoundLog)
         self.node_site: dict[int, int] = {}
         self.started = time.perf_counter()

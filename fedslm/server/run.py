@@ -38,7 +38,7 @@ from fedslm.use.export import export_merged
 # an operator who restarts the coordinator may ask it to wait for every site to reconnect.
 WARM_START_FILE = "warm_start.json"  # what the public warm start trained on (privacy.json cites it)
 RESUME_MAY_CHANGE = {"resume", "output_dir", "export_model", "demo_answer", "federation.timeout_s",
-                     "federation.min_sites"}
+                     "federation.min_sites", "tracking", "verbose"}
 
 
 @dataclass
@@ -91,7 +91,8 @@ def setup(cfg: RunConfig, echo=print) -> ServerRun:
     min_sites = fed.min_sites or per_round
     recorder = RunRecorder(run_dir, fed.rounds, meta={"strategy": cfg.strategy.name, "lora_r": str(cfg.lora.r)},
                            echo=echo,
-                           start="warm start on public data" if cfg.warm_start.data is not None else "base model")
+                           start="warm start on public data" if cfg.warm_start.data is not None else "base model",
+                           tracking=cfg.tracking)
     core = strategy_for(cfg, scheme, recorder, per_round, min_sites)
     wrapped = with_client_level_dp(core, cfg, per_round)
     strategy = core if wrapped is core else SiteErrorsFirst(wrapped, core)

@@ -26,6 +26,7 @@ from fedslm.privacy.releases import DP_TRAIN_KEYS, NON_DP_TRAIN_KEYS
 from fedslm.site.evaluate import evaluate_loss
 from fedslm.site.ledger import LIFETIME_ACCOUNTANT, SiteLedger, check_run_key, data_fingerprint
 from fedslm.site.policy import PolicyError
+from fedslm.site.progress import site_progress
 from fedslm.site.replay import ReplyCache, round_digest
 from fedslm.site.runtime import (SiteSetup, load_global, runtime_for, shared_prefix_dir, site_id, site_rank, site_setup,
                                  site_split)
@@ -41,6 +42,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
     rt = runtime_for(cfg, site_rank(cfg, context, site))
     train_ds = site_split(cfg, context, rt, setup.own_data, "train", shared_prefix_dir(setup))
     ledger = _ledger(setup, context)
+    out = site_progress(cfg, context)
 
     replay = digest = None
     if cfg.privacy.enabled:
@@ -49,8 +51,8 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
         digest = round_digest(msg.content["arrays"], server_round, run_key)
         saved = replay.get(digest)
         if saved is not None:
-            print(f"site {site}: round {server_round} was already trained from this global adapter; "
-                  "sending the same reply again (no new privacy cost)", flush=True)
+            out.say(f"site {site}: round {server_round} was already trained from this global adapter; "
+                    "sending the same reply again (no new privacy cost)")
             arrays = to_record(saved.tensors, cfg.federation.transport_dtype)
             return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(saved.metrics)}), reply_to=msg)
     load_global(rt, msg.content["arrays"])
@@ -66,7 +68,16 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
                               plan.sample_rate, steps)
         dp, noise, rate = DPContext(cfg.privacy, plan, ledger.run(run_key)), plan.noise_multiplier, plan.sample_rate
 
-    bar = _StepBar(cfg, site, server_round, cfg.train.steps_for(len(train_ds))) if progress and cfg.train.progress else None
+    total = cfg.train.steps_for(len(train_ds))
+    bar = _StepBar(cfg, site, server_round, total) if progress and cfg.train.progress and not out.quiet else None
+    done = 0
+
+    def stepped(loss: float) -> None:
+        nonlocal done
+        done += 1
+        if bar:
+            bar.step(loss)
+        out.status(round=server_round, phase="training", step=done, steps=total, loss=loss)
     seed = hash((cfg.seed, site, server_round)) % (2**31)
     # The seed is public (it is in the run config), so it drives only what is not private:
     # batch order without DP and LoRA dropout (which DP forbids). Under DP, train_local
@@ -82,7 +93,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
         seed=seed,
         dp=dp,
         grad_sample_module=rt.grad_sample_module,
-        progress=bar.step if bar else None,
+        progress=stepped,
         proximal_mu=cfg.strategy.proximal_mu,
     )
     if bar:
@@ -114,8 +125,9 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig | None, progress
         "train_seconds": stats.seconds,
     }
     # the site's own log keeps what the reply does not carry
-    print(f"site {site} round {server_round}: train loss {values['train_loss']:.4f} over {stats.examples_seen} "
-          f"examples in {stats.seconds:.1f}s, epsilon {values['epsilon']:.3f} (lifetime {lifetime:.3f})", flush=True)
+    out.say(f"site {site} round {server_round}: train loss {values['train_loss']:.4f} over {stats.examples_seen} "
+            f"examples in {stats.seconds:.1f}s, epsilon {values['epsilon']:.3f} (lifetime {lifetime:.3f})")
+    out.status(round=server_round, phase="trained", epsilon=values["epsilon"] if cfg.privacy.enabled else None)
     keys = DP_TRAIN_KEYS if cfg.privacy.enabled else NON_DP_TRAIN_KEYS
     values = {k: values[k] for k in keys}
     update = adapter_state(rt.peft_model)
@@ -141,7 +153,10 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig | None) -> Me
     # one release per round, counted in the ledger before it is made
     _ledger(setup, context).record_evaluation(run_key, server_round)
     load_global(rt, msg.content["arrays"])
+    out = site_progress(cfg, context)
+    out.status(round=server_round, phase="evaluating")
     loss = evaluate_loss(rt.peft_model, eval_ds, cfg.train.eval_batch_size, rt.tokenizer.pad_token_id)
+    out.status(round=server_round, phase="evaluated", eval_loss=loss)
     return Message(RecordDict({"metrics": MetricRecord({"site": site, "eval_loss": loss})}), reply_to=msg)
 
 

@@ -26,6 +26,7 @@ from fedslm.lora.schemes import SCHEMES, Scheme, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.dp_step import wrap_for_dp
 from fedslm.site.policy import SitePolicy
+from fedslm.site.progress import site_progress
 from fedslm.transport import from_record
 
 
@@ -114,12 +115,10 @@ def site_data(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool) -> S
     if key not in rt.datasets:
         data = build_site_data(data_cfg, site, cfg.federation.sites, rt.tokenizer, own,
                                extra_train=_canaries_for(cfg, context, site))
-        print(
+        site_progress(cfg, context).say(
             f"site {site}: {len(data.train)} train / {len(data.eval)} held-out examples"
             f"{' (its own data)' if own else ''}, {data.train.truncated + data.eval.truncated} truncated "
-            f"to {data_cfg.max_length} tokens, {data.train.dropped + data.eval.dropped} dropped (nothing left to learn)",
-            flush=True,
-        )
+            f"to {data_cfg.max_length} tokens, {data.train.dropped + data.eval.dropped} dropped (nothing left to learn)")
         rt.datasets[key] = data
     return rt.datasets[key]
 
@@ -149,8 +148,8 @@ def site_split(cfg: RunConfig, context: Context, rt: SiteRuntime, own: bool, spl
             if path is not None:
                 rt.prefix_states[key].save(path)
             how = "cached"
-        print(f"site {data.site}: the {first} frozen layers' output {how} for {len(tokens)} {split} rows in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
+        site_progress(cfg, context).say(f"site {data.site}: the {first} frozen layers' output {how} for {len(tokens)} "
+                                        f"{split} rows in {time.perf_counter() - start:.1f}s")
     return rt.prefix_states[key]
 
 

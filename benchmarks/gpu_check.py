@@ -45,7 +45,7 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              vocab_size=512)
 # batch, sequence, timed steps: the size on a GPU, a seconds-long one on a CPU
 SIZES = {"cuda": (64, 512, 10), "cpu": (4, 64, 2)}
-CPU_SECONDS_PER_ROUND = {"source": "README, Performance: make demo on 2 cores, 2026-12-04", "rounds": [39.8, 33.0, 32.0]}
+CPU_SECONDS_PER_ROUND = {"source": "README, Measured figures: make demo on 2 cores, 2026-12-04", "rounds": [39.4, 30.2, 30.5]}
 
 
 def random_model(shape: dict, device: torch.device, dtype: torch.dtype):

@@ -69,6 +69,33 @@ def _batch(tok, n=4):
     return make_collate(tok.pad_token_id)([ds[i] for i in range(n)])
 
 
+def _with_random_b(pm):
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # nonzero B, so A's gradient is not trivially zero
+    return pm
+
+
+def _grad_samples(pm, batch, wrap) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of a copy of `pm` after one backward, wrapped by `wrap`."""
+    m = copy.deepcopy(pm)
+    wrap(m)
+    sequence_losses(m, batch).mean().backward()
+    return {n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad}
+
+
+def _hooks(m):
+    return GradSampleModule(m, batch_first=True, loss_reduction="mean")
+
+
+def _private_round(pm, tok, cfg):
+    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
+    plan = plan_dp(cfg.privacy, cfg.train, len(data), rounds=1)
+    return train_local(pm, data, cfg.train, tok.pad_token_id, seed=0, dp=DPContext(cfg.privacy, plan, PrivacyLedger([])),
+                       grad_sample_module=wrap_for_dp(pm, cfg.privacy))
+
+
 def test_bf16_base_keeps_lora_and_per_sample_gradients_in_fp32(tiny_cfg):
     """A bf16 base under autocast (CUDA's default; here the CPU's bf16): the LoRA factors,
     their per-sample gradients and so the clipping stay fp32, and match Opacus's hooks on
@@ -76,23 +103,13 @@ def test_bf16_base_keeps_lora_and_per_sample_gradients_in_fp32(tiny_cfg):
     path = resolve_model_dir(tiny_cfg.model)
     model, tok = load_base_model(path, "cpu", "bf16")
     assert base_dtype(model) == torch.bfloat16
-    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    pm = _with_random_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
     assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
     assert isinstance(autocast(pm), torch.autocast)
     batch = _batch(tok)
-
-    def grads(m, wrap):
-        wrap(m)
-        sequence_losses(m, batch).mean().backward()
-        return {n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad}
-
-    fast = grads(copy.deepcopy(pm), wrap_lora_for_dp)
-    hooks = grads(copy.deepcopy(pm), lambda m: GradSampleModule(m, batch_first=True, loss_reduction="mean"))
-    fp32 = grads(copy.deepcopy(pm).float(), wrap_lora_for_dp)  # the same weights, all in fp32, no autocast
+    fast = _grad_samples(pm, batch, wrap_lora_for_dp)
+    hooks = _grad_samples(pm, batch, _hooks)
+    fp32 = _grad_samples(copy.deepcopy(pm).float(), batch, wrap_lora_for_dp)  # the same weights, all fp32
     assert set(fast) == set(hooks) == set(fp32)
     for name in fast:
         assert fast[name].dtype == torch.float32
@@ -104,11 +121,7 @@ def test_bf16_base_keeps_lora_and_per_sample_gradients_in_fp32(tiny_cfg):
 def test_a_private_round_on_a_bf16_base(tiny_cfg, reproducible_dp):
     model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cpu", "bf16")
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
-    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
-    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
-    stats = train_local(pm, data, tiny_cfg.train, tok.pad_token_id, seed=0,
-                        dp=DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])),
-                        grad_sample_module=wrap_for_dp(pm, tiny_cfg.privacy))
+    stats = _private_round(pm, tok, tiny_cfg)
     assert stats.steps == tiny_cfg.train.local_steps and stats.mean_loss == stats.mean_loss
     trained = [p for p in pm.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() and p.abs().max() > 0 for p in trained)
@@ -152,28 +165,13 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def test_on_cuda_a_bf16_private_round_keeps_fp32_dp_arithmetic(tiny_cfg, reproducible_dp):
     model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cuda", "auto")
     assert model.device.type == "cuda"
-    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    pm = _with_random_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
     batch = _batch(tok)
-
-    def grads(m, wrap):
-        wrap(m)
-        sequence_losses(m, batch).mean().backward()
-        return {n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad}
-
-    fast = grads(copy.deepcopy(pm), wrap_lora_for_dp)
-    hooks = grads(copy.deepcopy(pm), lambda m: GradSampleModule(m, batch_first=True, loss_reduction="mean"))
+    fast, hooks = _grad_samples(pm, batch, wrap_lora_for_dp), _grad_samples(pm, batch, _hooks)
     for name in fast:
         assert fast[name].dtype == torch.float32 and fast[name].device.type == "cuda"
         assert (fast[name] - hooks[name].float()).abs().max() <= 2e-2 * fast[name].abs().max(), name
-    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
-    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
-    stats = train_local(pm, data, tiny_cfg.train, tok.pad_token_id, seed=0,
-                        dp=DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])),
-                        grad_sample_module=wrap_for_dp(pm, tiny_cfg.privacy))
+    stats = _private_round(pm, tok, tiny_cfg)
     assert stats.steps == tiny_cfg.train.local_steps
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
 
@@ -183,11 +181,7 @@ def test_on_cuda_a_bf16_private_round_keeps_fp32_dp_arithmetic(tiny_cfg, reprodu
 def test_on_cuda_a_4bit_base_trains_privately(tiny_cfg, reproducible_dp):
     model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cuda", "auto", "4bit")
     pm = attach_lora(model, tiny_cfg.lora, freeze_a=True)
-    data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
-    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
-    stats = train_local(pm, data, tiny_cfg.train, tok.pad_token_id, seed=0,
-                        dp=DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])),
-                        grad_sample_module=wrap_for_dp(pm, tiny_cfg.privacy))
+    stats = _private_round(pm, tok, tiny_cfg)
     assert stats.steps == tiny_cfg.train.local_steps and stats.ledger.steps == stats.steps
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +61,19 @@ def compare(paths: list[Path]) -> Comparison:
 
 def sweep_epsilon(runs: list[RunInfo]) -> tuple[dict[str, float], float | None]:
     """Per site, the epsilon of every done private job's steps composed (the accountant of
-    the jobs; RDP if they differ), at the jobs' delta."""
+    the jobs; RDP if they differ), at the jobs' delta. Only jobs on the same data set (name,
+    path and number of sites; the largest such group) are composed: runs on other data
+    spend at other sites."""
     from fedslm.privacy.accounting import PrivacyLedger
 
     private = [r for r in runs if r.status == "done" and r.epsilon is not None and r.privacy.get("steps_per_site")]
     if not private:
         return {}, None
+    groups: dict[tuple, list[RunInfo]] = {}
+    for r in private:
+        c = r.config
+        groups.setdefault((c.get("data.name"), c.get("data.path"), c.get("federation.sites")), []).append(r)
+    private = max(groups.values(), key=len)
     delta = max(float(r.privacy["delta"]) for r in private)
     accountants = {r.privacy.get("accountant", "rdp") for r in private}
     accountant = accountants.pop() if len(accountants) == 1 else "rdp"
@@ -86,8 +95,8 @@ def format_table(c: Comparison) -> str:
     counts = {s: sum(r["status"] == s for r in c.rows) for s in STATUS_ORDER}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n))
     if c.sweep_epsilon:
-        lines.append(f"privacy spent by the whole sweep at each site (composed over the done private jobs, delta "
-                     f"{c.delta:g}): " + ", ".join(f"site {s} {e:.2f}" for s, e in c.sweep_epsilon.items()))
+        lines.append(f"privacy spent at each site by these jobs together (the done private ones on the same data, "
+                     f"composed; delta {c.delta:g}): " + ", ".join(f"site {s} {e:.2f}" for s, e in c.sweep_epsilon.items()))
     return "\n".join(lines)
 
 
@@ -128,7 +137,9 @@ def plot_frontier(c: Comparison, path: Path) -> Path | None:
            title=f"Privacy-utility frontier ({'higher' if c.higher_is_better else 'lower'} is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # many long labels: matplotlib says it cannot fit them all
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
@@ -164,10 +175,13 @@ def _varied(runs: list[RunInfo]) -> list[str]:
 
 
 def _setting(run: RunInfo, key: str) -> str:
+    # the run's own config is the truth (typed: 2.0, true); an override names what the
+    # config does not hold (a preset group such as privacy=none)
+    if key in run.config:
+        value = run.config[key]
+        return json.dumps(value) if isinstance(value, (bool, list, dict)) else str(value)
     if key in run.overrides:
         return run.overrides[key]
-    if key in run.config:
-        return str(run.config[key])
     return "" if run.status == "missing" else "(default)"
 
 

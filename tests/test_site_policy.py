@@ -198,3 +198,15 @@ def test_a_deployed_sites_cached_data_stays_in_its_state_dir_owner_only_and_can_
     assert cli(["forget", str(state)]) == 0
     assert "the privacy ledgers are kept" in capsys.readouterr().out
     assert not cache.exists() and list(state.glob("ledger-*.json")) == ledgers
+
+
+def test_a_sites_hardware_is_its_own(tiny_cfg, site):
+    """A coordinator asking for CUDA does not make a CPU-only site fail: its node config's
+    device (and precision) win, as its paths do."""
+    from fedslm.config import from_run_config, to_run_config
+    from fedslm.site.policy import SitePolicy
+
+    run = from_run_config(to_run_config(tiny_cfg) | {"train.device": "cuda", "train.precision": "bf16"})
+    own = SitePolicy.from_node_config({**site, "device": "cpu", "precision": "fp32"}).site_config(run)
+    assert (own.train.device, own.train.precision) == ("cpu", "fp32")
+    assert SitePolicy.from_node_config(site).site_config(run).train.device == "cuda"  # unset: the run's

@@ -57,6 +57,10 @@ class SitePolicy:
     state_dir: str = str(Path.home() / ".fedslm" / "state")
     cache_dir: str | None = None
     model_path: str | None = None
+    # the site's own hardware (train.device / train.precision): what it has, not the
+    # coordinator's choice; None takes the run's (auto: a GPU if the site has one)
+    device: str | None = None
+    precision: str | None = None
     # the site's own data settings (DataConfig fields: path, format, shape, columns,
     # templates, eval_fraction, ...); the run's data.* keys never reach a deployed site's data
     data: dict = field(default_factory=dict)
@@ -130,6 +134,8 @@ class SitePolicy:
             raise PolicyError(problems)
         cfg = dataclasses.replace(cfg)
         cfg.model = dataclasses.replace(cfg.model, cache_dir=self.cache_dir, path=self.model_path)
+        cfg.train = dataclasses.replace(cfg.train, device=self.device or cfg.train.device,
+                                        precision=self.precision or cfg.train.precision)
         if cfg.model.source == "local" and not self.model_path:
             raise PolicyError(["model.source=local: this site has no model of its own; start the SuperNode with "
                                "--node-config 'model-path=\"/models/your-model\"' (paths never come from the coordinator)"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -12,9 +13,10 @@ from pathlib import Path
 
 from fedslm import quiet
 from fedslm.config import RunConfig
-from fedslm.device import check_hardware
+from fedslm.device import DeviceError, check_hardware
 from fedslm.data.sites import format_site_table, is_synthetic, site_table
 from fedslm.model import resolve_model_dir
+from fedslm.rundir import mark_run_dir
 from fedslm.site.progress import LIVE_DIR
 from fedslm.site.runtime import PREFIX_CACHE_DIR
 from simulations.console import LiveConsole
@@ -41,8 +43,10 @@ def ray_backend(cfg: RunConfig) -> dict:
 
 
 def gpus_per_site(cfg: RunConfig) -> float:
-    """federation.gpus_per_site, or (auto) nothing without a GPU and otherwise the GPUs shared
-    by the site processes that run at once (Ray CPUs / CPUs per site), at most one each."""
+    """federation.gpus_per_site, or (auto) nothing without a GPU and otherwise a share that
+    packs the site processes that run at once (Ray CPUs / CPUs per site) onto this machine's
+    GPUs: 1 / ceil(at once / GPUs), so that Ray can place every one of them (2 GPUs, 3 sites:
+    a half each, not 2/3, of which no GPU holds two)."""
     fed = cfg.federation
     if fed.gpus_per_site >= 0:
         return float(fed.gpus_per_site)
@@ -53,7 +57,7 @@ def gpus_per_site(cfg: RunConfig) -> float:
     import torch
 
     at_once = min(fed.sites, max(1, int((fed.ray_cpus or os.cpu_count() or 1) / fed.cpus_per_site)))
-    return min(1.0, torch.cuda.device_count() / at_once)
+    return 1.0 / math.ceil(at_once / torch.cuda.device_count())
 
 
 def simulate(cfg: RunConfig, echo=print) -> dict:
@@ -75,7 +79,9 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
     echo(f"base model: {model_dir} ({time.perf_counter() - t0:.1f}s to prepare); sites train on {device.type}")
 
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(run_dir)
+    if cfg.privacy.ledger_dir:
+        mark_run_dir(Path(cfg.privacy.ledger_dir))
     (run_dir / "summary.json").unlink(missing_ok=True)
 
     # the per-site table, from the same partitioning the sites will do themselves
@@ -87,6 +93,10 @@ def simulate(cfg: RunConfig, echo=print) -> dict:
     (run_dir / "sites.json").write_text(json.dumps(table, indent=2))
     fed = cfg.federation
     backend = ray_backend(cfg)
+    if device.type == "cuda" and not backend["client_resources"]["num_gpus"]:
+        raise DeviceError("federation.gpus_per_site=0 with sites on cuda: Ray hides the GPU from site processes that "
+                          "reserve none, so every site would fail; set a share (0.25: four sites per GPU) or -1 (auto), "
+                          "or train.device=cpu")
     if fed.ray_address:
         echo(f"ray: attaching to the cluster at {fed.ray_address}")
     if backend["client_resources"]["num_gpus"]:

@@ -192,3 +192,37 @@ def test_the_card_says_when_the_sites_trained_on_a_4bit_base(tiny_cfg):
     tiny_cfg.model.quantize = "4bit"
     quantized = model_card(tiny_cfg, {"level": "none"}, 1e-5, 4, 8)
     assert "NF4" not in plain and "trained on an NF4 (4-bit, bitsandbytes) copy of the base" in quantized
+
+
+def test_auto_gpu_shares_let_ray_place_every_site(tiny_cfg, monkeypatch):
+    import simulations.simulate as sim
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("fedslm.device.resolve_device", lambda name="auto": torch.device("cuda"))
+    fed = tiny_cfg.federation
+    fed.gpus_per_site, fed.sites, fed.ray_cpus, fed.cpus_per_site = -1, 3, 3, 1.0
+    assert sim.gpus_per_site(tiny_cfg) == 0.5  # 2 GPUs, 3 at once: two per GPU, not 2/3 each
+    fed.sites = 7
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert sim.gpus_per_site(tiny_cfg) == pytest.approx(1 / 3)  # 3 at once share the GPU
+    fed.ray_cpus = 1
+    assert sim.gpus_per_site(tiny_cfg) == 1.0
+
+
+def test_a_site_on_a_node_that_does_not_see_the_run_directory_refuses(tiny_cfg, tmp_path):
+    """On a Ray cluster a site's ledger lives in the run directory: a process on a node
+    without it would start a second ledger. The driver marks the directory; sites check."""
+    from flwr.app import Context, RecordDict
+
+    from fedslm.config import ConfigError
+    from fedslm.rundir import mark_run_dir
+    from fedslm.site.runtime import site_setup
+
+    tiny_cfg.federation.ray_address = "127.0.0.1:6379"
+    tiny_cfg.output_dir = str(tmp_path / "driver-only")
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config={})
+    with pytest.raises(ConfigError, match="does not see the run directory .*driver-only.*filesystem every node shares"):
+        site_setup(ctx, tiny_cfg)
+    mark_run_dir(Path(tiny_cfg.output_dir))
+    assert site_setup(ctx, tiny_cfg).policy.simulated

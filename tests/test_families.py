@@ -260,3 +260,20 @@ def test_a_private_round_on_a_model_directory(saved, f):
     after = adapter_state(pm)
     assert set(after) == set(before) and all(".lora_B." in k for k in after)
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_mixtures_of_experts_are_named_not_guessed():
+    """A router is never a LoRA target, and `mlp`/`all` on a model whose experts are not
+    plain linear layers is refused rather than quietly meaning attention only."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    qwen_moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(**small, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                                  num_experts=2, num_experts_per_tok=1))
+    every = resolve_targets(qwen_moe, ["all"])
+    assert "shared_expert_gate" not in every and "gate" not in every and "gate_proj" in every
+    mixtral = MixtralForCausalLM(MixtralConfig(**small, num_local_experts=2))
+    assert resolve_targets(mixtral, ["attention"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(TargetError, match="no plain linear layers in an MLP block"):
+        resolve_targets(mixtral, ["all"])

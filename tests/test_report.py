@@ -55,10 +55,14 @@ def sweep(tmp_path) -> Path:
     _job(root, 1, ["privacy.epsilon=8", "strategy=ffa"], 8.0, 2.9, 0.55)
     failed = _job(root, 2, ["privacy.epsilon=2", "strategy=fedavg"], 2.0, None, None)
     (failed / "run.log").write_text("round 1 ...\nValueError: lora.r must be >= 1\n")
+    quiet = _job(root, 6, ["privacy.epsilon=8", "strategy=none_dp"], 8.0, None, None)
+    (quiet / "run.log").write_text("site 0 round 1: train loss 2.3456 over 8 examples\n")  # a site's own line
     old = time.time() - 3600
-    for p in [failed, *failed.rglob("*")]:
+    for p in [failed, *failed.rglob("*"), quiet, *quiet.rglob("*")]:
         os.utime(p, (old, old))
-    _job(root, 3, ["privacy.epsilon=8", "strategy=fedavg"], 8.0, None, None)  # started just now: running
+    running = _job(root, 3, ["privacy.epsilon=8", "strategy=fedavg"], 8.0, None, None)  # started just now
+    (running / "metrics.jsonl").write_text(json.dumps({"round": 1, "site": 0, "noise_multiplier": 0.6}) + "\n")
+    (root / "1" / "report.html").write_text("<html></html>")
     _job(root, 4, ["privacy=none", "strategy=ffa"], None, 2.5, 0.70)
     return root
 
@@ -66,8 +70,9 @@ def sweep(tmp_path) -> Path:
 def test_compare_lists_every_job_with_its_state_and_the_sweeps_privacy(sweep, capsys):
     c = compare_command([sweep])
     by_job = {r["job"]: r for r in c.rows}
-    assert [r["status"] for r in c.rows] == ["done", "done", "done", "running", "failed", "missing"]
-    assert set(by_job) == {"0", "1", "2", "3", "4", "5"}  # 2 x 3 task overrides: job 5 never started
+    assert [r["status"] for r in c.rows] == ["done", "done", "done", "running", "failed", "failed", "missing"]
+    assert set(by_job) == {"0", "1", "2", "3", "4", "5", "6"} and by_job["5"]["status"] == "missing"  # 2 x 3 jobs
+    assert "train loss" not in by_job["6"]["note"]  # a quiet run's log holds the sites' lines: never quoted
     assert {"privacy.epsilon", "strategy", "privacy"} <= set(c.varied)
     assert c.utility == "server accuracy" and c.higher_is_better
     assert by_job["1"]["epsilon"] == 8.0 and by_job["1"]["server accuracy"] == 0.55 and by_job["1"]["MB/round"] == 3.0
@@ -78,13 +83,15 @@ def test_compare_lists_every_job_with_its_state_and_the_sweeps_privacy(sweep, ca
     assert c.sweep_epsilon == {"0": pytest.approx(both), "1": pytest.approx(both)}
     assert both > PrivacyLedger([(0.6, 0.02, 9)]).epsilon(1e-5, "rdp")
     out = capsys.readouterr().out
-    assert "3 done, 1 running, 1 failed, 1 missing" in out and f"site 0 {both:.2f}" in out
+    assert "3 done, 1 running, 2 failed, 1 missing" in out and f"site 0 {both:.2f}" in out
+    assert c.uncounted == ["3"] and "a lower bound: not counted 3" in out  # it trained a round already
     csv_lines = (sweep / "compare.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("job,status,") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("job,status,") and len(csv_lines) == 8
     assert (sweep / "frontier.png").stat().st_size > 5000
     page = (sweep / "report.html").read_text()
     assert "data:image/png;base64," in page and "status-failed" in page and "over the sweep" in page
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from anywhere
+    assert '<a href="1/report.html">' in page  # relative to the sweep's page
 
 
 def test_compare_of_a_sweep_that_has_not_finished_anything(tmp_path):

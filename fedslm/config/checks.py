@@ -91,6 +91,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(bool(cfg.lora.target_modules) and not bad, "lora.target_modules",
          f"got {bad or 'an empty list'}; give module names (q_proj, v_proj, ...) or one of: {', '.join(ALIASES)}")
     _validate_strategy(cfg, need, problems)
+    need(not (cfg.model.quantize == "4bit" and cfg.strategy.name == "stack"), "model.quantize",
+         "4bit cannot hold strategy=stack's per-round merges into the base weights; use strategy ffa, fedavg or exact")
     if cfg.privacy.grad_sample_mode == "ghost" and cfg.train.max_physical_batch:
         problems.append("train.max_physical_batch: not supported with privacy.grad_sample_mode=ghost; use hooks")
     if cfg.privacy.enabled and cfg.data.packing:

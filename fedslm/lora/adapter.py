@@ -103,8 +103,12 @@ def set_base_delta(peft_model: PeftModel, deltas: dict[str, torch.Tensor], origi
     with torch.no_grad():
         for layer, delta in deltas.items():
             weight = peft_model.get_submodule(layer).base_layer.weight
+            if weight.dtype != torch.float32:
+                raise ValueError(f"strategy=stack merges every round into the base weights, which are {weight.dtype} "
+                                 "here: the merge would round the update away (or cannot hold it, 4-bit); use "
+                                 "train.precision=fp32 and model.quantize=none with stack, or strategy ffa/exact")
             w0 = originals.setdefault(layer, weight.detach().clone())
-            weight.copy_(w0 + delta.to(w0.dtype))
+            weight.copy_(w0 + delta.to(w0.device, w0.dtype))
 
 
 def a_digest(tensors: dict[str, torch.Tensor]) -> int:

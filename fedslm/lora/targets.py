@@ -5,8 +5,9 @@ its linear layers under the attention block are `attention`, those under the MLP
 `mlp`, and `all` is both. Explicit names (q_proj, v_proj, ...) are checked against the
 same list. Families that fuse projections (Phi-3: q, k and v in `qkv_proj`, gate and up
 in `gate_up_proj`) have no separate q_proj: an explicit name that the model fuses is
-mapped to the fused layer (LoRA then adapts all of it), so the DP recipe's default
-`[q_proj, v_proj]` means the same part of the network on every family.
+mapped to the fused layer (LoRA then adapts all of it: on Phi-3 the default `[q_proj,
+v_proj]` adapts k as well), so the DP recipe's default works on every family. A mixture of
+experts' router (`gate`, `*_gate`) is never a target.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 ALIASES = ("attention", "mlp", "all")
+ROUTERS = ("gate", "router")
 # the projections families fuse, and the fused layer that holds each
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -34,6 +36,8 @@ def projections(model: nn.Module) -> dict[str, list[str]]:
         if not isinstance(module, nn.Linear) or "." not in name:
             continue
         block, leaf = name.split(".")[0], name.split(".")[-1]
+        if leaf in ROUTERS or leaf.endswith("_gate"):  # a mixture of experts' router, not a projection
+            continue
         group = "attention" if "attn" in block or "attention" in block else "mlp" if "mlp" in block else None
         if group and leaf not in found[group]:
             found[group].append(leaf)
@@ -50,6 +54,9 @@ def resolve_targets(model: nn.Module, requested: list[str]) -> list[str]:
     chosen: list[str] = []
     for name in requested:
         if name in ALIASES:
+            if name != "attention" and not blocks["mlp"]:
+                raise TargetError(f"lora.target_modules={name}: {_family(model)} has no plain linear layers in an MLP "
+                                  "block (a mixture of experts?); name its modules explicitly, or use attention")
             picks = known if name == "all" else blocks[name]
         elif name in known:
             picks = [name]

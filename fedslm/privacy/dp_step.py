@@ -37,6 +37,11 @@ def wrap_for_dp(peft_model, cfg: PrivacyConfig):
     (wrapping adds hooks; once is enough)."""
     from opacus.grad_sample.utils import prepare_module
 
+    from fedslm.device import base_dtype
+
+    if cfg.grad_sample_mode == "ghost" and base_dtype(peft_model) != torch.float32:
+        raise ValueError(f"privacy.grad_sample_mode=ghost computes its clipping norms in the base's {base_dtype(peft_model)}; "
+                         "on a half-precision or 4-bit base use grad_sample_mode=lora (the default) or hooks")
     if cfg.grad_sample_mode == "lora":
         from fedslm.lora.grad_sample import wrap_lora_for_dp
 
@@ -88,6 +93,8 @@ class PrivateStep:
     def backward(self, per_sequence: torch.Tensor) -> None:
         # ghost: Opacus runs a norm pass and a clipped-loss pass from this tensor
         (self._criterion(per_sequence) if self.ghost else per_sequence.mean()).backward()
+        if not self.ghost:
+            _grad_samples_in_param_dtype(self.optimizer.params)
 
     def empty_batch(self, params) -> None:
         """Poisson sampling drew nobody. The step must still be taken (and noised) for the
@@ -108,6 +115,19 @@ class PrivateStep:
 
     def ledger(self) -> PrivacyLedger:
         return PrivacyLedger(list(self.engine.accountant.history))
+
+
+def _grad_samples_in_param_dtype(params) -> None:
+    """Opacus's hooks compute per-sample gradients in the activations' dtype: bf16 under a
+    bf16 base, where the norms and clip factors computed from them can overshoot the clip
+    norm by rounding. Cast them to the (fp32) parameter's dtype before Opacus clips, so the
+    clipping bounds exactly what is noised. (The lora path stores fp32 already.)"""
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+            p.grad_sample = gs.to(p.dtype)
+        elif isinstance(gs, list):
+            p.grad_sample = [g.to(p.dtype) if g.dtype != p.dtype else g for g in gs]
 
 
 def _add_noise_from_host(optimizer) -> None:

@@ -31,6 +31,7 @@ class Comparison:
     higher_is_better: bool
     sweep_epsilon: dict[str, float] = field(default_factory=dict)  # site -> composed over the done jobs
     delta: float | None = None
+    uncounted: list[str] = field(default_factory=list)  # jobs that may have spent privacy but are not composed
 
 
 def compare(paths: list[Path]) -> Comparison:
@@ -55,11 +56,11 @@ def compare(paths: list[Path]) -> Comparison:
     columns = ["job", "status", *varied, "epsilon", "held-out loss"]
     columns += [utility] if utility.startswith("server ") else []
     columns += ["MB/round", "seconds", "note"]
-    eps, delta = sweep_epsilon(runs)
-    return Comparison(runs, varied, columns, rows, utility, higher, eps, delta)
+    eps, delta, uncounted = sweep_epsilon(runs)
+    return Comparison(runs, varied, columns, rows, utility, higher, eps, delta, uncounted)
 
 
-def sweep_epsilon(runs: list[RunInfo]) -> tuple[dict[str, float], float | None]:
+def sweep_epsilon(runs: list[RunInfo]) -> tuple[dict[str, float], float | None, list[str]]:
     """Per site, the epsilon of every done private job's steps composed (the accountant of
     the jobs; RDP if they differ), at the jobs' delta. Only jobs on the same data set (name,
     path and number of sites; the largest such group) are composed: runs on other data
@@ -67,23 +68,30 @@ def sweep_epsilon(runs: list[RunInfo]) -> tuple[dict[str, float], float | None]:
     from fedslm.privacy.accounting import PrivacyLedger
 
     private = [r for r in runs if r.status == "done" and r.epsilon is not None and r.privacy.get("steps_per_site")]
+    # a running or failed job may have trained rounds (spent privacy) with no privacy.json yet
+    uncounted = [r.name for r in runs if r.status in ("running", "failed") and r.metrics]
     if not private:
-        return {}, None
+        return {}, None, uncounted
     groups: dict[tuple, list[RunInfo]] = {}
     for r in private:
         c = r.config
         groups.setdefault((c.get("data.name"), c.get("data.path"), c.get("federation.sites")), []).append(r)
     private = max(groups.values(), key=len)
+    uncounted += [r.name for group in groups.values() if group is not private for r in group]
     delta = max(float(r.privacy["delta"]) for r in private)
     accountants = {r.privacy.get("accountant", "rdp") for r in private}
     accountant = accountants.pop() if len(accountants) == 1 else "rdp"
     history: dict[str, list] = {}
     for r in private:
         p = r.privacy
+        # privacy.json rounds sigma for reading; the run's metrics hold it whole
+        exact = {str(m["site"]): m["noise_multiplier"] for m in r.metrics if m.get("noise_multiplier")}
         for site, steps in p["steps_per_site"].items():
-            history.setdefault(site, []).append(
-                (float(p["noise_multiplier_per_site"][site]), float(p["sample_rate_per_site"][site]), int(steps)))
-    return {site: PrivacyLedger(h).epsilon(delta, accountant) for site, h in sorted(history.items(), key=lambda x: int(x[0]))}, delta
+            sigma = float(exact.get(site, p["noise_multiplier_per_site"][site]))
+            history.setdefault(site, []).append((sigma, float(p["sample_rate_per_site"][site]), int(steps)))
+    composed = {site: PrivacyLedger(h).epsilon(delta, accountant)
+                for site, h in sorted(history.items(), key=lambda x: int(x[0]))}
+    return composed, delta, uncounted
 
 
 def format_table(c: Comparison) -> str:
@@ -96,7 +104,9 @@ def format_table(c: Comparison) -> str:
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n))
     if c.sweep_epsilon:
         lines.append(f"privacy spent at each site by these jobs together (the done private ones on the same data, "
-                     f"composed; delta {c.delta:g}): " + ", ".join(f"site {s} {e:.2f}" for s, e in c.sweep_epsilon.items()))
+                     f"composed; delta {c.delta:g}): " + ", ".join(f"site {s} {e:.2f}" for s, e in c.sweep_epsilon.items())
+                     + (f"; a lower bound: not counted {', '.join(c.uncounted)} (running, failed, or on other data)"
+                        if c.uncounted else ""))
     return "\n".join(lines)
 
 

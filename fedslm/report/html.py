@@ -10,7 +10,9 @@ import base64
 import html
 import io
 import json
+import os
 from pathlib import Path
+from urllib.parse import quote
 
 from fedslm.atomic import write_atomic
 from fedslm.report.runs import RunInfo, read_run
@@ -164,11 +166,16 @@ def sweep_report(c, path: Path, frontier: Path | None) -> Path:
         parts.append(f"<p>Every job trained at every site, so each site's data carries all of them: the jobs' DP steps "
                      f"composed, at delta {c.delta:g}. Choose hyperparameters on public data or proxies.</p>")
         parts.append(_table(["site", "epsilon over the sweep"], [[s, e] for s, e in c.sweep_epsilon.items()]))
+        if c.uncounted:
+            parts.append(f"<p>A lower bound: not counted, as they have no finished privacy record or ran on other data: "
+                         f"{html.escape(', '.join(c.uncounted))}.</p>")
     else:
         parts.append("<p>No finished private job.</p>")
     links = [(r.name, r.path / "report.html") for r in c.runs if (r.path / "report.html").is_file()]
     if links:
-        items = "".join(f"<li><a href=\"{html.escape(str(p))}\">{html.escape(n)}</a></li>" for n, p in links)
+        # relative to the sweep's page, so the folder can be moved or mailed as a whole
+        items = "".join(f"<li><a href=\"{html.escape(quote(os.path.relpath(p, Path(path).parent)))}\">"
+                        f"{html.escape(n)}</a></li>" for n, p in links)
         parts.append(f"<h2>Each job's report</h2><ul>{items}</ul>")
     write_atomic(Path(path), lambda tmp: Path(tmp).write_text(_page("fedslm sweep", "\n".join(parts))))
     return Path(path)

@@ -156,5 +156,8 @@ def _failure(path: Path) -> str:
         if log.is_file():
             lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
             errors = [line for line in lines if "Error" in line or "error:" in line]
-            return (errors or lines or [""])[-1][:200]
+            if errors:
+                return errors[-1][:200]
+            # never another line: in a simulation run.log holds the sites' own lines
+            return f"no summary.json; {name} names no error"
     return "no summary.json and no log line that says why"

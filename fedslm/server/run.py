@@ -38,7 +38,9 @@ from fedslm.use.export import export_merged
 # an operator who restarts the coordinator may ask it to wait for every site to reconnect.
 WARM_START_FILE = "warm_start.json"  # what the public warm start trained on (privacy.json cites it)
 RESUME_MAY_CHANGE = {"resume", "output_dir", "export_model", "demo_answer", "federation.timeout_s",
-                     "federation.min_sites", "tracking", "verbose"}
+                     "federation.min_sites", "tracking", "verbose",
+                     # where the sites run, not what they compute
+                     "federation.ray_address", "federation.gpus_per_site", "federation.ray_cpus", "train.device"}
 
 
 @dataclass

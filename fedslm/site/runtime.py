@@ -25,6 +25,7 @@ from fedslm.lora.frozen_prefix import CachedStates, first_trained_layer
 from fedslm.lora.schemes import SCHEMES, Scheme, make_scheme
 from fedslm.model import load_base_model, resolve_model_dir
 from fedslm.privacy.dp_step import wrap_for_dp
+from fedslm.rundir import check_shared
 from fedslm.site.policy import SitePolicy
 from fedslm.site.progress import site_progress
 from fedslm.transport import from_record
@@ -214,6 +215,10 @@ def site_setup(context: Context, run: RunConfig | None) -> SiteSetup:
     if deployed:
         policy = SitePolicy.from_node_config(context.node_config)
     else:
+        if run.federation.ray_address:  # a site process may be on another node of the cluster
+            check_shared(Path(run.output_dir), "output_dir")
+            if run.privacy.ledger_dir:
+                check_shared(Path(run.privacy.ledger_dir), "privacy.ledger_dir")
         policy = SitePolicy.for_simulation(run, context.node_config)
     cfg = policy.site_config(run)
     validate(cfg)

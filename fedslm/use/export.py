@@ -121,14 +121,14 @@ def int8_report(cfg: RunConfig, fp_dir: Path, int8_dir: Path, limit: int = 64) -
     from fedslm.use.chat import load_model_dir
 
     es = eval_set(cfg, "eval", limit)
-    model, tok = load_model_dir(fp_dir)
+    model, tok = load_model_dir(fp_dir, device="cpu")  # fp16 weights computed in fp32, as a CPU runs them
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.float16).float())
     fp16_loss = perplexity(model, tok, es, cfg.data.max_length)["loss"]
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    q, tok = load_model_dir(int8_dir)
+    q, tok = load_model_dir(int8_dir, device="cpu")
     int8_loss = perplexity(q, tok, es, cfg.data.max_length)["loss"]
     return {"examples": len(es.examples), "fp16_loss": fp16_loss, "int8_loss": int8_loss,
             "fp16_bytes": 2 * n_params, "int8_bytes": weights_bytes(int8_dir), "int8_dir": str(int8_dir)}

@@ -226,3 +226,34 @@ def test_a_site_on_a_node_that_does_not_see_the_run_directory_refuses(tiny_cfg, 
         site_setup(ctx, tiny_cfg)
     mark_run_dir(Path(tiny_cfg.output_dir))
     assert site_setup(ctx, tiny_cfg).policy.simulated
+
+
+def test_hooks_mode_clips_in_fp32_on_a_bf16_base(tiny_cfg):
+    """Opacus's hooks give bf16 per-sample gradients under a bf16 base, and a clip factor
+    computed in bf16 can let a sample's clipped gradient exceed the clip norm. fedslm casts
+    them to fp32 before Opacus clips: every sample's clipped contribution is within C."""
+    from fedslm.privacy.dp_step import PrivateStep
+
+    model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cpu", "bf16")
+    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    tiny_cfg.privacy.grad_sample_mode, tiny_cfg.privacy.max_grad_norm = "hooks", 0.05  # every sample is clipped
+    data = TokenizedDataset.from_records(tok, generate_site(0, 16, seed=5), 256)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=make_collate(tok.pad_token_id))
+    plan = plan_dp(tiny_cfg.privacy, tiny_cfg.train, len(data), rounds=1)
+    step = PrivateStep(DPContext(tiny_cfg.privacy, plan, PrivacyLedger([])), wrap_for_dp(pm, tiny_cfg.privacy),
+                       torch.optim.SGD(params, lr=0.0), loader, torch.Generator().manual_seed(0))
+    step.backward(sequence_losses(pm, _batch(tok, 8)))
+    assert all(p.grad_sample.dtype == torch.float32 for p in params)
+    flat = torch.cat([p.grad_sample.reshape(8, -1) for p in params], dim=1)
+    norms = flat.norm(dim=1)
+    assert (norms > 0.05).all()
+    factor = (0.05 / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip factor, now in fp32
+    assert ((flat * factor[:, None]).norm(dim=1) <= 0.05 * (1 + 1e-6)).all()
+    step.optimizer.clip_and_accumulate()
+    assert all(p.summed_grad.dtype == torch.float32 for p in params)
+    assert torch.cat([p.summed_grad.flatten() for p in params]).norm() <= 8 * 0.05 * (1 + 1e-5)

@@ -72,6 +72,8 @@ def test_compare_lists_every_job_with_its_state_and_the_sweeps_privacy(sweep, ca
     by_job = {r["job"]: r for r in c.rows}
     assert [r["status"] for r in c.rows] == ["done", "done", "done", "running", "failed", "failed", "missing"]
     assert set(by_job) == {"0", "1", "2", "3", "4", "5", "6"} and by_job["5"]["status"] == "missing"  # 2 x 3 jobs
+    # a job not started yet shows what it will run: Hydra's product of the task overrides, in order
+    assert (by_job["5"]["privacy.epsilon"], by_job["5"]["strategy"]) == ("8", "none_dp")
     assert "train loss" not in by_job["6"]["note"]  # a quiet run's log holds the sites' lines: never quoted
     assert {"privacy.epsilon", "strategy", "privacy"} <= set(c.varied)
     assert c.utility == "server accuracy" and c.higher_is_better

@@ -180,7 +180,7 @@ NOT_SETTINGS = {"output_dir", "model.cache_dir", "resume", "privacy.ledger_dir",
 def _varied(runs: list[RunInfo]) -> list[str]:
     keys = sorted(({k for r in runs for k in (r.overrides or {})} |
                    {k for r in runs if not r.overrides for k in r.config}) - NOT_SETTINGS)
-    known = [r for r in runs if r.status != "missing"]
+    known = [r for r in runs if r.status != "missing" or r.overrides]
     return [k for k in keys if len({_setting(r, k) for r in known}) > 1]
 
 

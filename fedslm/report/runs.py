@@ -85,10 +85,10 @@ def find_runs(paths: list[Path]) -> list[RunInfo]:
             jobs = sorted((p for p in root.iterdir() if p.is_dir() and _job_number(p.name) is not None),
                           key=lambda p: _job_number(p.name))
             runs += [read_run(job, now) for job in jobs]
-            expected = _sweep_size(root / "multirun.yaml")
+            planned = _sweep_jobs(root / "multirun.yaml")
             present = {_job_number(p.name) for p in jobs}
-            runs += [RunInfo(path=root / str(i), name=str(i), status="missing") for i in range(expected)
-                     if i not in present]
+            runs += [RunInfo(path=root / str(i), name=str(i), status="missing", overrides=planned[i])
+                     for i in range(len(planned)) if i not in present]
         elif (root / "run_config.json").is_file() or (root / ".hydra").is_dir():
             runs.append(read_run(root, now))
         else:
@@ -128,14 +128,19 @@ def _hydra_overrides(path: Path) -> dict[str, str]:
     return out
 
 
-def _sweep_size(multirun_yaml: Path) -> int:
-    """How many jobs the sweep's task overrides expand to (comma lists, Hydra's basic sweeper)."""
+def _sweep_jobs(multirun_yaml: Path) -> list[dict[str, str]]:
+    """Each job's overrides, in job-number order, as Hydra's basic sweeper expands the
+    task overrides (the product of their comma lists, in the order given)."""
     import yaml
 
     data = yaml.safe_load(multirun_yaml.read_text()) or {}
     task = ((data.get("hydra") or {}).get("overrides") or {}).get("task") or []
-    sizes = [len(_split_choices(str(t).partition("=")[2])) for t in task]
-    return int(max(1, len(list(itertools.product(*[range(n) for n in sizes])))))
+    choices = []
+    for item in map(str, task):
+        key, _, value = item.partition("=")
+        choices.append([(key.lstrip("+~"), v) for v in _split_choices(value)])
+    return [{k: v for k, v in combo if k not in ("output_dir", "hydra.run.dir", "hydra.sweep.dir")}
+            for combo in itertools.product(*choices)]
 
 
 def _split_choices(value: str) -> list[str]:

@@ -23,6 +23,11 @@ class SiteProgress:
         self.log = Path(run_dir) / "run.log" if self.quiet else None
         self.status_file = Path(run_dir) / LIVE_DIR / f"site-{site}.json" if self.quiet else None
         self.fields: dict = {}
+        if self.status_file is not None and self.status_file.is_file():
+            try:  # the line so far (this site's last message may have run in another process)
+                self.fields = {k: v for k, v in json.loads(self.status_file.read_text()).items() if k != "site"}
+            except ValueError:
+                pass
 
     def say(self, text: str) -> None:
         if self.log is None:

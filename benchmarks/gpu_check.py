@@ -10,7 +10,9 @@
    (benchmarks/dp_throughput.py's variants and step).
 2. A 3-site, 3-round DP federation of the embedded SmolLM2 (the demo's training) with the
    sites sharing the GPU (federation.gpus_per_site auto): seconds per round, beside the
-   CPU's from the README.
+   CPU's from the README. Without Ray (a lent GPU machine has none, and its 74 MB wheel is
+   more than a call carries) the sites run in this process and take turns on the GPU
+   (simulations/inprocess.py); the JSON names the engine.
 3. One QLoRA DP step of a random-weight SmolLM2-1.7B-shaped model: its base saved once,
    then loaded through fedslm's own path (model.quantize=4bit: bitsandbytes NF4);
    tokens/s and peak memory.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import platform
 import statistics
@@ -132,9 +135,19 @@ def federation(device: torch.device, smoke: bool, root: Path) -> dict:
           f"{cfg.model.path or cfg.model.source} model, DP epsilon {cfg.privacy.epsilon:g}, on {device.type}", flush=True)
     _peak_reset(device)
     start = time.perf_counter()
-    summary = simulate(cfg, echo=lambda line: print(f"  {line}", flush=True))
+    if importlib.util.find_spec("ray") is not None:
+        engine = "Flower's simulation engine (Ray), the sites sharing the device"
+        summary = simulate(cfg, echo=lambda line: print(f"  {line}", flush=True))
+    else:
+        # Ray's wheel (about 74 MB) is more than a lent GPU machine takes along: the sites
+        # then run in this process, taking turns on the device (simulations/inprocess.py)
+        from simulations.inprocess import run_in_process
+
+        engine = "in-process (no Ray on this machine), the sites taking turns on the device"
+        print(f"  {engine}", flush=True)
+        summary = run_in_process(cfg, echo=lambda line: print(f"  {line}", flush=True))
     rounds = [round(s, 2) for s in summary["seconds_per_round"]]
-    out = {"sites": cfg.federation.sites, "rounds": cfg.federation.rounds, "model": cfg.model.source,
+    out = {"sites": cfg.federation.sites, "rounds": cfg.federation.rounds, "model": cfg.model.source, "engine": engine,
            "seconds_per_round": rounds, "mean_seconds_per_round": round(statistics.mean(rounds), 2),
            "wall_s": round(time.perf_counter() - start, 1), "epsilon": summary.get("epsilon"),
            "eval_loss_initial": summary.get("eval_loss_initial"), "eval_loss_final": summary.get("eval_loss_final")}

@@ -11,7 +11,7 @@ import pytest
 
 from fedslm.privacy.audit import audit, auc_and_tpr, epsilon_lower_bound, exposure_bits, one_run_guesses
 from fedslm.data.canaries import canary_examples, make_canaries
-from inprocess import run_in_process
+from simulations.inprocess import run_in_process
 
 
 def test_exposure_bits():

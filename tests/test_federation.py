@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fedslm.data.sites import site_table
-from inprocess import run_in_process
+from simulations.inprocess import run_in_process
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -242,7 +242,7 @@ def test_a_site_lost_for_good_does_not_stall_the_run_with_the_default_min_sites(
     replies) keeps the global adapter: the run ends instead of waiting forever."""
     import time
 
-    from inprocess import FIRST_NODE_ID, InProcessGrid
+    from simulations.inprocess import FIRST_NODE_ID, InProcessGrid
 
     tiny_cfg.federation.sites, tiny_cfg.federation.min_sites = 3, 0
     tiny_cfg.federation.timeout_s = 1.0

@@ -16,7 +16,7 @@ import pytest
 
 from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.report.compare import compare, compare_command, format_table
-from tests.inprocess import run_in_process
+from simulations.inprocess import run_in_process
 
 
 def _job(root: Path, i: int, overrides: list[str], eps: float | None, loss: float, accuracy: float | None,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fedslm.server import checkpoint as resume
 from fedslm.config import ConfigError, validate
-from inprocess import run_in_process
+from simulations.inprocess import run_in_process
 
 
 class CoordinatorCrash(RuntimeError):

@@ -9,7 +9,7 @@ import pytest
 
 from fedslm.data.clinic import generate_site
 from fedslm.server.warm_start import public_examples
-from inprocess import run_in_process
+from simulations.inprocess import run_in_process
 
 
 def _site_epsilons(run_dir) -> dict:

@@ -1,10 +1,11 @@
-"""A Flower Grid whose sites are function calls in this process.
-
+"""A federation with its sites as function calls in this process: a Flower Grid whose
 `send_and_receive` hands each message (a deep copy, as the wire would) to the real
 ClientApp (client/app.py) with that node's own Context, and returns its reply; an
-exception that escapes the app becomes an error reply, as Flower's runtime makes it. The
-server side runs unchanged (fedslm.server.run), so strategy, checkpoint, resume and audit
-tests exercise the real round loop without starting Ray.
+exception that escapes the app becomes an error reply, as Flower's runtime makes it.
+
+The server side runs unchanged (fedslm.server.run). The tests run the real round loop
+through it without starting Ray, and benchmarks/gpu_check.py runs its GPU federation
+through it on a machine without Ray (the sites then take turns on the one GPU).
 """
 
 from __future__ import annotations

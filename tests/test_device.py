@@ -28,6 +28,7 @@ from fedslm.privacy.dp_step import wrap_for_dp
 from fedslm.privacy.plan import plan_dp
 from fedslm.train import DPContext, train_local
 from simulations.simulate import gpus_per_site, ray_backend
+from tests.helpers import grad_samples, randomise_b
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 
@@ -69,26 +70,6 @@ def _batch(tok, n=4):
     return make_collate(tok.pad_token_id)([ds[i] for i in range(n)])
 
 
-def _with_random_b(pm):
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # nonzero B, so A's gradient is not trivially zero
-    return pm
-
-
-def _grad_samples(pm, batch, wrap) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of a copy of `pm` after one backward, wrapped by `wrap`."""
-    m = copy.deepcopy(pm)
-    wrap(m)
-    sequence_losses(m, batch).mean().backward()
-    return {n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad}
-
-
-def _hooks(m):
-    return GradSampleModule(m, batch_first=True, loss_reduction="mean")
-
-
 def _private_round(pm, tok, cfg):
     data = TokenizedDataset.from_records(tok, generate_site(0, 24, seed=1), 256)
     plan = plan_dp(cfg.privacy, cfg.train, len(data), rounds=1)
@@ -103,13 +84,13 @@ def test_bf16_base_keeps_lora_and_per_sample_gradients_in_fp32(tiny_cfg):
     path = resolve_model_dir(tiny_cfg.model)
     model, tok = load_base_model(path, "cpu", "bf16")
     assert base_dtype(model) == torch.bfloat16
-    pm = _with_random_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
+    pm = randomise_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
     assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
     assert isinstance(autocast(pm), torch.autocast)
     batch = _batch(tok)
-    fast = _grad_samples(pm, batch, wrap_lora_for_dp)
-    hooks = _grad_samples(pm, batch, _hooks)
-    fp32 = _grad_samples(copy.deepcopy(pm).float(), batch, wrap_lora_for_dp)  # the same weights, all fp32
+    fast = grad_samples(copy.deepcopy(pm), batch, wrap_lora_for_dp)
+    hooks = grad_samples(copy.deepcopy(pm), batch, GradSampleModule)
+    fp32 = grad_samples(copy.deepcopy(pm).float(), batch, wrap_lora_for_dp)  # the same weights, all fp32
     assert set(fast) == set(hooks) == set(fp32)
     for name in fast:
         assert fast[name].dtype == torch.float32
@@ -165,9 +146,10 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def test_on_cuda_a_bf16_private_round_keeps_fp32_dp_arithmetic(tiny_cfg, reproducible_dp):
     model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cuda", "auto")
     assert model.device.type == "cuda"
-    pm = _with_random_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
+    pm = randomise_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
     batch = _batch(tok)
-    fast, hooks = _grad_samples(pm, batch, wrap_lora_for_dp), _grad_samples(pm, batch, _hooks)
+    fast = grad_samples(copy.deepcopy(pm), batch, wrap_lora_for_dp)
+    hooks = grad_samples(copy.deepcopy(pm), batch, GradSampleModule)
     for name in fast:
         assert fast[name].dtype == torch.float32 and fast[name].device.type == "cuda"
         assert (fast[name] - hooks[name].float()).abs().max() <= 2e-2 * fast[name].abs().max(), name
@@ -235,11 +217,7 @@ def test_hooks_mode_clips_in_fp32_on_a_bf16_base(tiny_cfg):
     from fedslm.privacy.dp_step import PrivateStep
 
     model, tok = load_base_model(resolve_model_dir(tiny_cfg.model), "cpu", "bf16")
-    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    pm = randomise_b(attach_lora(model, tiny_cfg.lora, freeze_a=False), std=0.5)
     tiny_cfg.privacy.grad_sample_mode, tiny_cfg.privacy.max_grad_norm = "hooks", 0.05  # every sample is clipped
     data = TokenizedDataset.from_records(tok, generate_site(0, 16, seed=5), 256)
     params = [p for p in pm.parameters() if p.requires_grad]

@@ -26,6 +26,7 @@ from fedslm.model import load_base_model
 from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.privacy.plan import plan_dp
 from fedslm.train import DPContext, train_local
+from tests.helpers import grad_samples, randomise_b
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, tie_word_embeddings=False)
@@ -120,14 +121,6 @@ def _batch(tok, n: int):
     return make_collate(tok.pad_token_id)([ds[i] for i in range(n)])
 
 
-def _randomise_b(pm, std: float = 0.05, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
-
-
 @pytest.mark.parametrize("f", FAMILIES, ids=IDS)
 def test_targets_resolve_per_architecture(saved, f):
     model, _ = _load(saved, f)
@@ -183,17 +176,12 @@ def test_answer_loss_equals_the_models_own_forward(saved, f):
 def test_per_sample_gradients_equal_opacus_hooks(saved, f):
     model, tok = _load(saved, f, torch.float64)
     pm = attach_lora(model, LoraConfig(target_modules=["all"]), freeze_a=False)
-    _randomise_b(pm)
+    randomise_b(pm, seed=1)
     batch = _batch(tok, 4)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # padding is exercised
 
-    def grads(m, wrap):
-        wrap(m)
-        sequence_losses(m, batch).mean().backward()
-        return {n: p.grad_sample.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-
-    reference = grads(copy.deepcopy(pm), lambda m: GradSampleModule(m, batch_first=True, loss_reduction="mean"))
-    fast = grads(copy.deepcopy(pm), wrap_lora_for_dp)
+    reference = grad_samples(copy.deepcopy(pm), batch, GradSampleModule)
+    fast = grad_samples(copy.deepcopy(pm), batch, wrap_lora_for_dp)
     assert set(fast) == set(reference) and any(".lora_A." in n for n in fast)
     for name, ref in reference.items():
         torch.testing.assert_close(fast[name], ref, rtol=1e-9, atol=1e-12)
@@ -214,7 +202,7 @@ def test_ffa_aggregate_is_the_mean_of_the_sites_updates(saved, f):
 
     sites = []
     for seed, weight in ((1, 10.0), (2, 30.0), (3, 20.0)):
-        _randomise_b(pm, seed=seed)
+        randomise_b(pm, seed=seed)
         sites.append(SiteUpdate(adapter_state(pm), lora.r, weight))
     new, _ = scheme.combine(g, sites, "mean", 0.0)
     got = delta(new)
@@ -228,7 +216,7 @@ def test_ffa_aggregate_is_the_mean_of_the_sites_updates(saved, f):
 def test_merge_parity(saved, f):
     model, tok = _load(saved, f)
     pm = attach_lora(model, LoraConfig(target_modules=["all"]), freeze_a=False)
-    _randomise_b(pm, std=0.2)
+    randomise_b(pm, std=0.2, seed=1)
     pm.eval()
     ids = _batch(tok, 2)["input_ids"]
     with torch.no_grad():

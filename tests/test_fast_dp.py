@@ -20,6 +20,7 @@ from fedslm.privacy.accounting import PrivacyLedger
 from fedslm.privacy.dp_step import wrap_for_dp
 from fedslm.privacy.plan import plan_dp
 from fedslm.train import DPContext, sequence_losses, train_local
+from tests.helpers import grad_samples, randomise_b
 
 
 @pytest.fixture
@@ -38,14 +39,6 @@ def _padded_batch(tok, n):
     return make_collate(tok.pad_token_id)([ds[i] for i in range(n)])
 
 
-def _grad_samples(pm, batch, wrap):
-    """Per-sample gradients of every trainable parameter after one backward of the mean loss."""
-    wrapped = wrap(pm)
-    sequence_losses(pm, batch).mean().backward()
-    out = {n: p.grad_sample.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
-    return out, wrapped
-
-
 @pytest.mark.parametrize("freeze_a", [True, False], ids=["ffa", "a-trains"])
 def test_per_sample_gradients_equal_opacus_hooks_for_every_target(tiny, tiny_cfg, freeze_a):
     model, tok = tiny
@@ -53,16 +46,12 @@ def test_per_sample_gradients_equal_opacus_hooks_for_every_target(tiny, tiny_cfg
     tiny_cfg.lora.target_modules = ["all"]
     every = resolve_targets(model, ["all"])
     assert len(every) == 7  # a Llama layer's seven projections
-    pm = attach_lora(model, tiny_cfg.lora, freeze_a=freeze_a)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # nonzero B, so A's gradient is not trivially zero
+    pm = randomise_b(attach_lora(model, tiny_cfg.lora, freeze_a=freeze_a))
     batch = _padded_batch(tok, 5)
 
-    reference, _ = _grad_samples(copy.deepcopy(pm), batch, GradSampleModule)
+    reference = grad_samples(copy.deepcopy(pm), batch, GradSampleModule)
     fast_model = copy.deepcopy(pm)
-    fast, _ = _grad_samples(fast_model, batch, wrap_lora_for_dp)
+    fast = grad_samples(fast_model, batch, wrap_lora_for_dp)
 
     assert set(fast) == set(reference)
     targets = {t for t in every if any(f".{t}.lora_B." in n for n in fast)}
@@ -80,11 +69,7 @@ def test_padding_contributes_nothing(tiny, tiny_cfg):
     """A sample's per-sample gradient is the same alone and padded in a batch with longer ones."""
     model, tok = tiny
     model = model.double()
-    pm = attach_lora(model, tiny_cfg.lora, freeze_a=False)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    pm = randomise_b(attach_lora(model, tiny_cfg.lora, freeze_a=False))
     wrap_lora_for_dp(pm)
     ds = _dataset(tok, 6)
     collate = make_collate(tok.pad_token_id)

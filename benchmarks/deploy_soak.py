@@ -64,25 +64,6 @@ def reconcile(lb: Loopback, site: int, out: Path, run_key: str, delta: float) ->
     }
 
 
-def restart_node(lb: Loopback, site: int, within: float = 300) -> int:
-    """Start the site's SuperNode again as a supervisor (systemd Restart=on-failure) would:
-    after a kill -9 the SuperLink refuses the same key until the dead node's heartbeat
-    expires, and the new SuperNode gives up (exit 305) after its retries; start it again
-    until it connects. Returns how many starts it took."""
-    log = lb.root / f"supernode-{site}.log"
-    deadline, starts = time.time() + within, 0
-    while time.time() < deadline:
-        starts += 1
-        offset = log.stat().st_size if log.exists() else 0
-        proc = lb.start_node(site)
-        while proc.alive() and time.time() < deadline:
-            if "SuperNode ID" in proc.text()[offset:]:
-                return starts
-            time.sleep(1)
-        time.sleep(5)
-    raise TimeoutError(f"site {site}'s SuperNode did not reconnect within {within}s")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
@@ -134,7 +115,7 @@ def main() -> None:
                     lb.start_worker(site)
                     continue
                 lb.nodes[site].kill()
-                kills[-1]["node_starts"] = restart_node(lb, site)
+                kills[-1]["node_starts"] = lb.restart_node(site)
             if link_killed:
                 continue
             wait_for(lambda: not run.alive(), 1800, "the run to end")

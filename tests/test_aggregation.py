@@ -470,3 +470,24 @@ def test_participation_keeps_every_site_within_its_calibrated_rounds(tmp_path, f
     uniform = [random.Random(3 * 100_003 + r).sample(nodes, 2) for r in range(1, 11)]
     assert max(sum(n in u for u in uniform) for n in nodes) > expected_rounds(
         FederationConfig(sites=10, rounds=10, sites_per_round=2))
+
+
+def test_a_site_silent_in_training_is_not_asked_to_evaluate_the_same_round(tmp_path, flower_identity):
+    """A site that sent nothing back within the timeout (lost, or still training) would
+    make the round wait for it a second time; one that answered, even with an error, is
+    asked as usual, and the silent one is asked again in the next round."""
+    strategy, scheme, recorder = _strategy(tmp_path, "ffa", min_train=1)
+    notes = []
+    recorder.note = lambda r, text: notes.append((r, text))
+    nodes = [100, 101, 102]
+    _, g = _start_round(strategy, scheme, 1, nodes=nodes)
+    refused = Message(Error(code=1000, reason="DataError: no rows"), reply_to=_instruction(101))
+    strategy.aggregate_train(1, [_reply(100, trained(scheme, g, RANK, 0), 5, 0), refused])
+    messages = strategy.configure_evaluate(1, to_record(g), ConfigRecord(), _Grid(nodes))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101]
+    assert any(r == 1 and "node 102 did not answer this round's training" in t for r, t in notes)
+
+    _, g = _start_round(strategy, scheme, 2, nodes=nodes)
+    strategy.aggregate_train(2, [_reply(n, trained(scheme, g, RANK, i), 5, i) for i, n in enumerate(nodes)])
+    messages = strategy.configure_evaluate(2, to_record(g), ConfigRecord(), _Grid(nodes))
+    assert sorted(m.metadata.dst_node_id for m in messages) == nodes

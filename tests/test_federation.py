@@ -205,6 +205,10 @@ def test_a_site_with_a_spent_budget_is_marked_exhausted_behind_the_dp_wrapper(ti
     class Core:
         min_train_nodes = 1
         exhausted: set = set()
+        heard: set = set()
+
+        def heard_from(self, server_round, replies):
+            self.heard |= {m.metadata.src_node_id for m in replies}
 
         def too_few(self, server_round, valid):
             return valid < self.min_train_nodes
@@ -231,6 +235,8 @@ def test_a_site_with_a_spent_budget_is_marked_exhausted_behind_the_dp_wrapper(ti
     out = SiteErrorsFirst(wrapper, core).aggregate_train(
         3, [reply(1), reply(2, "BudgetExceededError: spent"), reply(3), reply(4)])
     assert out == ("aggregated", None) and core.exhausted == {2}
+    # every site that answered, with an error or a bad update too, is asked to evaluate
+    assert core.heard == {1, 2, 3, 4}
     # a malformed update is rejected before Flower's DP wrapper ever sees it
     assert [m.metadata.src_node_id for m in wrapper.seen] == [1, 3]
     assert core.recorder.rejected_log == [(4, "invalid update: shape (9, 9), expected (4, 8)")]
@@ -269,6 +275,9 @@ def test_evaluation_cadence_and_row_limit(tiny_cfg, tmp_path):
         tiny_cfg.output_dir = str(tmp_path / f"limit-{limit}")
         summary = run_in_process(tiny_cfg)
         assert summary["rounds"] == 3
+        # each round's training phase is timed apart from its evaluation, and is part of it
+        assert all(0 < t <= s for t, s in zip(summary["train_seconds_per_round"], summary["seconds_per_round"],
+                                              strict=True))
         curves[limit] = {int(s): {int(r): v for r, v in c.items()} for s, c in summary["eval_loss_per_site"].items()}
     for site in (0, 1):
         limited, full = curves[2][site], curves[0][site]

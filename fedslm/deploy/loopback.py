@@ -217,6 +217,24 @@ class Loopback:
                 self.start_worker(site)
         return proc
 
+    def restart_node(self, site: int, within: float = 300) -> int:
+        """Start the site's SuperNode again as a supervisor (systemd Restart=on-failure) would:
+        after a kill -9 the SuperLink refuses the same key until the dead node's heartbeat
+        expires (Flower: two 30 s intervals), and the new SuperNode gives up (exit 305) after
+        its retries; start it again until it connects. Returns how many starts it took."""
+        deadline, starts = time.time() + within, 0
+        while time.time() < deadline:
+            starts += 1
+            log = self.root / f"supernode-{site}.log"
+            offset = log.stat().st_size if log.exists() else 0
+            proc = self.start_node(site)
+            while proc.alive() and time.time() < deadline:
+                if "SuperNode ID" in proc.text()[offset:]:
+                    return starts
+                time.sleep(1)
+            time.sleep(5)
+        raise TimeoutError(f"site {site}'s SuperNode did not reconnect within {within}s")
+
     def start_worker(self, site: int, trusted: Path | None = None, secret: Path | None = None) -> Proc:
         port = self.node_ports[site]
         proc = self._start(f"site-{site}-worker", [
@@ -255,6 +273,30 @@ class Loopback:
     def run(self, run_config: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """`flwr run` the app in this repository and stream its log until it ends."""
         return self.flwr("run", str(REPO_ROOT), "fedslm", "--stream", *self.signed(run_config), timeout=timeout)
+
+    def run_unwatched(self, run_config: str, done: Path, timeout: float = 600) -> str:
+        """`flwr run` without `--stream`, as an operator submits a run and looks later: no
+        CLI process streams the log from the SuperLink on this machine while the run goes.
+        Waits until `done` (a file the ServerApp writes last) exists or the run ends;
+        returns the run's final status as `flwr ls` reports it."""
+        import json
+
+        res = self.flwr("run", str(REPO_ROOT), "fedslm", "--format", "json", *self.signed(run_config))
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {res.stdout[-2000:]}{res.stderr[-2000:]}")
+        run_id = json.loads(res.stdout)["run-id"]
+        deadline, asked = time.time() + timeout, time.time()
+        while time.time() < deadline:
+            # the run's own output is looked at often; the SuperLink is asked rarely (each
+            # `flwr ls` is a Python start-up on the machine the federation runs on)
+            if done.exists() or time.time() - asked > 20:
+                asked = time.time()
+                listed = json.loads(self.flwr("ls", "--run-id", str(run_id), "--format", "json").stdout)
+                status = listed["runs"][0]["status"]
+                if status.startswith("finished"):
+                    return status
+            time.sleep(0.2)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f}s")
 
     def run_async(self, run_config: str) -> Proc:
         return self._start("flwr-run", [str(BIN / "flwr"), "run", str(REPO_ROOT), "fedslm", "--stream",

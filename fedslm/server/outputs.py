@@ -55,7 +55,7 @@ class Console(Writer):
             self.echo(f"round 0 ({self.start}): held-out loss {mean:.4f} over {len(losses)} sites  [{rl.seconds:.1f}s]")
             return
         self.echo(
-            f"round {r}/{self.rounds}  {rl.seconds:6.1f}s  up {_mb(rl.bytes_up)}  down {_mb(rl.bytes_down)}"
+            f"round {r}/{self.rounds}  {rl.seconds:6.1f}s (training {rl.train_seconds:.1f}s)  up {_mb(rl.bytes_up)}  down {_mb(rl.bytes_down)}"
             f"  sites {len(rl.train)} ok, {len(rl.rejected)} rejected"
             + (f"  aggregation error {rl.aggregation_error:.2e}" if rl.aggregation_error is not None else "")
         )

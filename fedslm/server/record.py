@@ -20,6 +20,9 @@ from fedslm.server.outputs import Writer, default_writers
 class RoundLog:
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
+    # the round up to its aggregated adapter, without the sites' evaluation: what a round
+    # costs where evaluation is rarer (federation.eval_every) or absent (FlowerTune)
+    train_seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
     train: dict[int, dict] = field(default_factory=dict)  # site -> metrics
@@ -45,6 +48,9 @@ class RunRecorder:
     # --- what the strategy reports -------------------------------------------------
     def round_started(self, r: int) -> None:
         self.log[r].started = time.perf_counter()
+
+    def training_done(self, r: int) -> None:
+        self.log[r].train_seconds = time.perf_counter() - self.log[r].started
 
     def add_bytes_down(self, r: int, n: int) -> None:
         self.log[r].bytes_down += n
@@ -128,7 +134,7 @@ class RunRecorder:
             "done": max((r for r in self.log), default=0),
             "elapsed": time.perf_counter() - self.started,
             "node_site": {str(n): s for n, s in self.node_site.items()},
-            "log": {str(r): {"seconds": rl.seconds, "bytes_up": rl.bytes_up, "bytes_down": rl.bytes_down,
+            "log": {str(r): {"seconds": rl.seconds, "train_seconds": rl.train_seconds, "bytes_up": rl.bytes_up, "bytes_down": rl.bytes_down,
                              "train": rl.train, "eval": rl.eval, "rejected": rl.rejected,
                              "aggregation_error": rl.aggregation_error, "server_eval": rl.server_eval}
                     for r, rl in self.log.items()},
@@ -145,6 +151,7 @@ class RunRecorder:
             rl.eval = {int(s): m for s, m in saved["eval"].items()}
             rl.rejected, rl.aggregation_error = saved["rejected"], saved["aggregation_error"]
             rl.server_eval = saved.get("server_eval", {})
+            rl.train_seconds = saved.get("train_seconds", 0.0)
         for w in self.writers:
             w.restored(int(state["done"]))
 
@@ -183,6 +190,7 @@ class RunRecorder:
             "bytes_down": sum(rl.bytes_down for rl in self.log.values()),
             "seconds": time.perf_counter() - self.started,
             "seconds_per_round": [round(self.log[r].seconds, 2) for r in sorted(rounds_done)],
+            "train_seconds_per_round": [round(self.log[r].train_seconds, 2) for r in sorted(rounds_done)],
             "bytes_up_per_round": [self.log[r].bytes_up for r in sorted(rounds_done)],
             "bytes_down_per_round": [self.log[r].bytes_down for r in sorted(rounds_done)],
             "aggregation_error_per_round": [self.log[r].aggregation_error for r in sorted(rounds_done)],

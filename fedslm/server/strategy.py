@@ -53,6 +53,9 @@ class LoraStrategy(FedAvg):
         # with fewer than three replies, where a median cannot tell which one is wrong
         self.last_norm: float | None = None
         self.gave_up_round: int | None = None  # the round whose wait for sites expired
+        # the sites asked to train this round, and those that answered (a reply or an error)
+        self.asked: tuple[int, set[int]] = (0, set())
+        self.heard: tuple[int, set[int]] = (0, set())
 
     @property
     def scheme(self) -> Scheme:
@@ -110,12 +113,15 @@ class LoraStrategy(FedAvg):
             self.recorder.note(server_round, f"{len(self.exhausted)} site(s) with a spent privacy budget not asked to train")
         config["server-round"] = server_round
         nodes = self.sample(server_round, grid)
+        self.asked = (server_round, set(nodes))
         self.recorder.add_bytes_down(server_round, record_bytes(down) * len(nodes))
         record = RecordDict({"arrays": down, "config": config})
         return self._construct_messages(record, nodes, "train")
 
     # --- replies -> the next global adapter -----------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.heard_from(server_round, replies)
         updates: list[tuple[Message, SiteUpdate]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -176,6 +182,19 @@ class LoraStrategy(FedAvg):
                            f"only {valid} valid replies (< min {self.min_train_nodes}); global adapter unchanged this round")
         return True
 
+    def heard_from(self, server_round: int, replies: list[Message]) -> None:
+        if self.heard[0] != server_round:
+            self.heard = (server_round, set())
+        self.heard[1].update(m.metadata.src_node_id for m in replies)
+
+    def silent(self, server_round: int) -> set[int]:
+        """The sites asked to train this round that sent nothing back within
+        federation.timeout_s: lost, or still busy with the training message (which a site
+        serves before anything queued after it). Asking them to evaluate would only make
+        the round wait for them a second time."""
+        (asked_round, asked), (heard_round, heard) = self.asked, self.heard
+        return asked - heard if asked_round == heard_round == server_round else set()
+
     def site_error(self, server_round: int, msg: Message) -> None:
         """A site refused or failed: record why; a spent budget takes it out of training."""
         node = msg.metadata.src_node_id
@@ -187,6 +206,7 @@ class LoraStrategy(FedAvg):
         if server_round == 0:
             self.recorder.round_started(0)
         else:
+            self.recorder.training_done(server_round)
             # the round's final global adapter: after any server optimiser or DP wrapper
             rank, alpha, tensors = self.scheme.peft_view(from_record(arrays))
             self.recorder.global_adapter(server_round, tensors, {"rank": str(rank), "alpha": str(alpha)})
@@ -195,7 +215,12 @@ class LoraStrategy(FedAvg):
             return []
         config["eval-limit"] = limit
         down = self._downlink(arrays)
-        nodes = self.online_nodes(server_round, grid)
+        silent = self.silent(server_round)
+        nodes = [n for n in self.online_nodes(server_round, grid) if n not in silent]
+        if silent:
+            who = ", ".join(str(self.recorder.node_site.get(n, f"node {n}")) for n in sorted(silent))
+            self.recorder.note(server_round, f"site(s) {who} did not answer this round's training within "
+                                             "federation.timeout_s; not asked to evaluate it")
         want = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
         chosen = sorted(random.Random(self.setup.seed * 100_019 + server_round).sample(nodes, min(want, len(nodes))))
         config["server-round"] = server_round
@@ -249,6 +274,8 @@ class SiteErrorsFirst(Strategy):
         return self.wrapper.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.core.heard_from(server_round, replies)  # the wrapper passes on only the valid ones
         valid = []
         for msg in replies:
             if msg.has_error():

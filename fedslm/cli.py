@@ -82,7 +82,11 @@ def _supernode(args: argparse.Namespace) -> int:
     if args.poll_s <= 0:
         print("fedslm supernode: --poll-s must be positive", file=sys.stderr)
         return 2
-    run(args.poll_s, rest, args.pull_timeout_s)
+    if not 10 <= args.heartbeat_s <= 1800:
+        print(f"fedslm supernode: --heartbeat-s {args.heartbeat_s:g} is outside the 10-1800 s the SuperLink accepts",
+              file=sys.stderr)
+        return 2
+    run(args.poll_s, rest, args.pull_timeout_s, args.heartbeat_s)
     return 0
 
 
@@ -348,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="longest wait between asking the SuperLink for messages (Flower's own: 3 s)")
     sn.add_argument("--pull-timeout-s", type=float, default=60.0,
                     help="give up a message whose content the SuperLink no longer has (Flower's own: 7200 s)")
+    sn.add_argument("--heartbeat-s", type=float, default=10.0,
+                    help="the heartbeat interval this SuperNode declares; the SuperLink counts it offline after two "
+                         "missed (Flower's own: 30 s, so a minute)")
     sn.add_argument("supernode_args", nargs=argparse.REMAINDER)
     sn.set_defaults(func=_supernode)
 

@@ -231,3 +231,8 @@ def test_prompt_grid_returns_every_reply_and_keeps_the_timeout():
     t = time.monotonic()
     got = PromptGrid(late, poll_s=0.2).send_and_receive([object()] * 2, timeout=0.4)
     assert [m.metadata.reply_to_message_id for m in got] == ["m0"] and time.monotonic() - t < 0.8
+
+
+def test_supernode_refuses_a_heartbeat_the_superlink_would_refuse(capsys):
+    assert cli(["supernode", "--heartbeat-s", "5", "--"]) == 2
+    assert "--heartbeat-s 5 is outside the 10-1800 s the SuperLink accepts" in capsys.readouterr().err

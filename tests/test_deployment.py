@@ -63,6 +63,16 @@ def test_a_site_without_a_registered_key_is_refused(fed):
     assert "No SuperNode found with the given public key" in fed.link.text()
 
 
+def test_sites_declare_a_10_s_heartbeat_so_a_lost_one_is_offline_within_20_s(fed):
+    """`fedslm supernode` declares --heartbeat-s 10 (Flower's SuperNode: 30 s). The
+    SuperLink's own record of each site says so; it counts a site offline after two."""
+    import sqlite3
+
+    with sqlite3.connect(fed.root / "superlink.db") as db:
+        intervals = [row[0] for row in db.execute("SELECT heartbeat_interval FROM node WHERE status = 'online'")]
+    assert len(intervals) >= fed.sites and set(intervals) == {10.0}
+
+
 def test_a_server_the_site_does_not_trust_is_refused(fed, tmp_path):
     from fedslm.deploy.certs import make_certs
 
@@ -125,8 +135,9 @@ def test_a_site_lost_mid_run_and_the_coordinator_restarted(fed, tmp_path):
 
     # restart: same database (registered keys), site 1 rejoins, the run resumes from round 1
     fed.start_link()
-    # started again until the SuperLink lets its key back in (the dead node's session lasts
-    # until its heartbeat expires), as the README's supervisor does
+    # started again until the SuperLink lets its key back in: the dead node's session lasts
+    # until two of its 10 s heartbeats are missed (fedslm supernode --heartbeat-s), as the
+    # README's supervisor does
     fed.restart_node(1, within=180)
     # site 0's SuperNode lived through the restart and reconnects on its own. The SuperLink
     # only learns a node is online from its heartbeats (and keeps the last one across the

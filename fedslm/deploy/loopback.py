@@ -219,9 +219,10 @@ class Loopback:
 
     def restart_node(self, site: int, within: float = 300) -> int:
         """Start the site's SuperNode again as a supervisor (systemd Restart=on-failure) would:
-        after a kill -9 the SuperLink refuses the same key until the dead node's heartbeat
-        expires (Flower: two 30 s intervals), and the new SuperNode gives up (exit 305) after
-        its retries; start it again until it connects. Returns how many starts it took."""
+        after a kill -9 the SuperLink refuses the same key until the dead node misses two
+        heartbeats (20 s at `fedslm supernode`'s 10 s interval), and the new SuperNode gives
+        up (exit 305) after its retries; start it again until it connects. Returns how many
+        starts it took."""
         deadline, starts = time.time() + within, 0
         while time.time() < deadline:
             starts += 1
@@ -288,8 +289,9 @@ class Loopback:
         deadline, asked = time.time() + timeout, time.time()
         while time.time() < deadline:
             # the run's own output is looked at often; the SuperLink is asked rarely (each
-            # `flwr ls` is a Python start-up on the machine the federation runs on)
-            if done.exists() or time.time() - asked > 20:
+            # `flwr ls` is a Python start-up on the machine the federation runs on): every
+            # 2 s once `done` is there (the ServerApp is ending), else every 20 s
+            if time.time() - asked > (2 if done.exists() else 20):
                 asked = time.time()
                 listed = json.loads(self.flwr("ls", "--run-id", str(run_id), "--format", "json").stdout)
                 status = listed["runs"][0]["status"]

@@ -124,10 +124,13 @@ def run_report(run_dir: Path) -> Path:
     parts.append("<h2>Bytes and time per round</h2>")
     parts.append(_img(_bytes_plot(s), "bytes per round"))
     if s.get("seconds_per_round"):
+        up, down = s.get("bytes_up_per_round") or [], s.get("bytes_down_per_round") or []
+
+        def mb(per_round: list, i: int) -> float | None:
+            return per_round[i] / 1e6 if i < len(per_round) else None
+
         parts.append(_table(["round", "seconds", "MB up", "MB down"],
-                            [[i + 1, t, (s.get("bytes_up_per_round") or [None] * 99)[i] / 1e6 if s.get("bytes_up_per_round") else None,
-                              (s.get("bytes_down_per_round") or [None] * 99)[i] / 1e6 if s.get("bytes_down_per_round") else None]
-                             for i, t in enumerate(s["seconds_per_round"])]))
+                            [[i + 1, t, mb(up, i), mb(down, i)] for i, t in enumerate(s["seconds_per_round"])]))
 
     parts.append("<h2>Privacy guarantee</h2>")
     if run.privacy:

@@ -8,7 +8,7 @@ Deployment: SuperLink (TLS, node auth) + per site a SuperNode in process isolati
 its `fedslm site` worker (signed app, warm app host), `flwr run` (submitted, not streamed)
 on 127.0.0.1 (fedslm.deploy.loopback); each site reads its own training and held-out files, of the
 sizes of the simulated partitions. Simulation: simulations.simulate.simulate (Ray actors).
-Writes benchmarks/results/deploy_round_time.json (_tiny.json for --model tiny); the last line is the larger ratio.
+Writes benchmarks/results/deploy_round_time.json (_tiny.json or _embedded.json for --model tiny|embedded); the last line is the larger ratio.
 """
 
 from __future__ import annotations

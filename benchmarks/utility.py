@@ -9,8 +9,9 @@ Data (../shared/data; the benchmark stops if it is absent):
 - BANKING77: held-out rows carved from the shared training file, stratified by label
   (13 per intent, 1,001 rows; --quick: 2 per intent), which no site ever sees; the rest
   is split into the 7 natural branches (one site per `group`), every row trained on.
-- PubMedQA: k-fold cross-validation over its 500 rows (5 folds; --quick: 1 fold of a
-  smaller slice), 3 IID sites; each fold's held-out rows are scored by every row below.
+- PubMedQA: k-fold cross-validation over its 500 rows (5 folds; --folds N runs the
+  first N of them; --quick: 1 fold of a smaller slice), 3 IID sites; each fold's
+  held-out rows are scored by every row below.
 
 Every federated row runs the recipe (`--recipe`, Hydra overrides on top of each data
 preset; the same for every row, privacy aside) through Flower's simulation engine and is
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--alone-sites", type=int, default=None, help="sites trained alone (default: all; --quick 1)")
     ap.add_argument("--gen-rows", type=int, default=None, help="BANKING77 rows scored by generation")
     ap.add_argument("--recipe", nargs="*", default=[], help="extra Hydra overrides for every federated row")
+    ap.add_argument("--folds", type=int, default=None,
+                    help="PubMedQA: how many of the 5 cross-validation folds to run (default 5; --quick 1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     quiet.silence_known_noise()
@@ -262,6 +265,8 @@ def main() -> None:
     if args.quick:  # a site of 32 rows cannot be sampled in batches of 64; one round is a smoke test
         args.recipe = ["train.batch_size=16", "train.max_physical_batch=8", "federation.rounds=1", *args.recipe]
     args.gen_rows = args.gen_rows if args.gen_rows is not None else (10 if args.quick else 200)
+    if args.folds is not None and not 1 <= args.folds <= 5:
+        raise SystemExit(f"--folds {args.folds}: give 1 to 5 (PubMedQA is cut into 5 folds)")
     out = Path(args.out or tempfile.mkdtemp(prefix="fedslm-utility-"))
     out.mkdir(parents=True, exist_ok=True)
     started, rows = time.perf_counter(), []
@@ -269,7 +274,7 @@ def main() -> None:
         if data == "banking77":
             splits = banking77_split(out, args.per_label)
         else:
-            splits = pubmedqa_folds(out, 5, 1 if args.quick else 5, 100 if args.quick else 0)
+            splits = pubmedqa_folds(out, 5, args.folds or (1 if args.quick else 5), 100 if args.quick else 0)
         fold_rows = [one_split(data, train, held, args, out / f"{data}-fold{k}") for k, (train, held) in enumerate(splits)]
         rows += merge_folds(fold_rows)
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",

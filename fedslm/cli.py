@@ -64,7 +64,10 @@ def _site(args: argparse.Namespace) -> int:
     from fedslm.site.worker import SiteWorker
 
     try:
-        worker = SiteWorker(args.runtime_api, args.trusted_entities, args.root_certificates, args.auth_secret_file)
+        if args.spare_after_idle_s < 0:
+            raise ValueError(f"--spare-after-idle-s {args.spare_after_idle_s}: give seconds >= 0 (0 turns it off)")
+        worker = SiteWorker(args.runtime_api, args.trusted_entities, args.root_certificates, args.auth_secret_file,
+                            spare_after_idle_s=args.spare_after_idle_s or None)
     except ValueError as err:
         print(f"fedslm site: {err}", file=sys.stderr)
         return 2
@@ -344,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--root-certificates", type=Path, default=None, help="CA of the Runtime API when it serves TLS")
     sw.add_argument("--auth-secret-file", type=Path, default=None,
                     help="the secret file also given to the SuperNode as --superexec-auth-secret-file")
+    sw.add_argument("--spare-after-idle-s", type=float, default=60.0,
+                    help="keep an app host ready with the libraries imported, started at once and again after this "
+                         "many idle seconds, so a run's first message does not pay the imports (memory: a few hundred "
+                         "MB); 0 turns it off")
     sw.set_defaults(func=_site)
 
     sn = sub.add_parser("supernode", help="site: Flower's flower-supernode with its idle waits capped at --poll-s "

@@ -120,9 +120,11 @@ def test_server_cert_verifies_for_its_host_only(tmp_path):
     assert bad.returncode != 0
 
 
-def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_paced(monkeypatch):
-    """The idle poll (Flower: 3 s) and the content pull of a message (Flower: up to 2 h, which
-    left a SuperNode deaf after a coordinator restart) are capped; everything else is
+@pytest.mark.parametrize("poll_s", [0.05, 0.5])
+def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_paced(monkeypatch, poll_s):
+    """The idle poll (Flower: 3 s), the look for the app's reply (Flower: 0.5 s; here at
+    most 0.1 s, whatever --poll-s) and the content pull of a message (Flower: up to 2 h,
+    which left a SuperNode deaf after a coordinator restart) are capped; everything else is
     flower-supernode's own, with its own arguments."""
     import sys
     import time
@@ -158,12 +160,12 @@ def test_fedslm_supernode_runs_flowers_supernode_with_its_waits_paced(monkeypatc
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
     monkeypatch.setattr(loop, "_push_messages", lambda *a, **k: None)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    run(0.05, ["--superlink", "127.0.0.1:1", "--isolation", "process"], pull_timeout_s=42.0)
+    run(poll_s, ["--superlink", "127.0.0.1:1", "--isolation", "process"], pull_timeout_s=42.0)
     assert seen["argv"] == ["flower-supernode", "--superlink", "127.0.0.1:1", "--isolation", "process"]
     assert seen["slept"] < 1.0 and seen["pull_max_time"] == 42.0 and seen["monotonic"]
     assert seen["reply_look"] < 0.1
-    for waits in (seen["reply_looks"], seen["after_reply"]):  # quick, stretching to --poll-s
-        assert waits[0] < 0.05 and waits == sorted(waits) and waits[-1] == 0.05
+    for waits, cap in ((seen["reply_looks"], min(poll_s, 0.1)), (seen["after_reply"], poll_s)):
+        assert waits[0] < 0.05 and waits == sorted(waits) and waits[-1] == cap
 
 
 def test_backoff_is_quick_after_activity_and_stretches_to_the_idle_cap():

@@ -227,6 +227,61 @@ def test_calibration_covers_the_expected_participation():
     assert expected_rounds(FederationConfig(rounds=2, fraction_train=0.1)) == 1
 
 
+@pytest.mark.parametrize("epsilon, sample_rate, steps, accountant", [
+    (8.0, 1 / 8, 9, "prv"),      # the demo's plan
+    (8.0, 1 / 24, 27, "prv"),
+    (1.0, 0.01, 1000, "prv"),    # many steps, a tight budget
+    (50.0, 0.25, 20, "prv"),     # little noise: the probes below sigma 1 are the slow ones
+    (2.0, 0.3, 300, "rdp"),      # much noise: the search climbs from sigma 1
+    (8.0, 0.5, 5, "rdp"),
+])
+def test_noise_search_lands_in_opacus_window_in_few_probes(epsilon, sample_rate, steps, accountant):
+    """Calibration is one site's first cost in a deployed run: the search must spend no more
+    than the target and no less than target - 0.01 (Opacus's get_noise_multiplier's window,
+    computed here with Opacus's own search for comparison), with at most 8 accountant
+    probes where Opacus's bisection takes about 16."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedslm.privacy.accounting import EPSILON_TOLERANCE, RDP_ALPHAS, PrivacyLedger, search_noise
+
+    probes = []
+
+    def epsilon_at(sigma):
+        probes.append(sigma)
+        return PrivacyLedger([(sigma, sample_rate, steps)]).epsilon(1e-5, accountant)
+
+    sigma = search_noise(epsilon_at, epsilon)
+    spent = epsilon_at(sigma)
+    assert epsilon - EPSILON_TOLERANCE <= spent <= epsilon
+    assert len(probes) - 1 <= 8
+    kwargs = {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_noise_multiplier(target_epsilon=epsilon, target_delta=1e-5, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant, **kwargs)
+    # both land in the same 0.01-wide window of epsilon, so their noise agrees closely
+    assert sigma == pytest.approx(theirs, rel=5e-3)
+
+
+def test_noise_search_never_returns_a_probe_over_the_target():
+    """A curve the log-log secant fits badly (a kink, flat stretches) costs probes, never
+    the guarantee; an unreachable target is an error, not a silently weak noise level."""
+    from fedslm.privacy.accounting import CalibrationError, search_noise
+
+    def kinked(sigma):  # steep below sigma 3, nearly flat above
+        return 40.0 / sigma**3 if sigma < 3 else 1.48 - 0.01 * sigma
+
+    seen = {}
+    sigma = search_noise(lambda s: seen.setdefault(s, kinked(s)), 1.2)
+    assert sigma in seen and 1.19 <= seen[sigma] <= 1.2  # returned only as it was probed
+    with pytest.raises(CalibrationError, match="out of reach"):
+        search_noise(lambda s: 5.0 + 1.0 / s, 4.0)  # never below 5
+    with pytest.raises(ValueError, match="tolerance"):
+        search_noise(lambda s: 1.0 / s, 0.005)
+
+
 def test_prv_and_rdp_both_bound_the_same_history():
     ledger = PrivacyLedger([(0.8, 0.02, 30)])
     rdp, prv = ledger.epsilon(1e-5, "rdp"), ledger.epsilon(1e-5, "prv")

@@ -47,24 +47,75 @@ def calibrate_noise(cfg: PrivacyConfig, sample_rate: float, total_steps: int) ->
     return _calibrated(cfg.epsilon, cfg.delta, sample_rate, total_steps, cfg.accountant)
 
 
-# The search costs seconds of RDP arithmetic (about 100 fractional orders per probe) and a
-# site asks the same question every round: a pure function of its arguments, cached.
+# As Opacus's get_noise_multiplier: the calibrated noise spends between target - 0.01 and
+# the target. Beyond MAX_SIGMA the target is out of reach (Opacus's limit too).
+EPSILON_TOLERANCE = 0.01
+MAX_SIGMA = 1e6
+
+
+class CalibrationError(ValueError):
+    """No noise multiplier up to MAX_SIGMA keeps epsilon within the target."""
+
+
 @lru_cache(maxsize=256)
 def _calibrated(epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
     with warnings.catch_warnings():
-        # the search probes tiny noise levels whose optimal RDP order is off the grid;
-        # those probes are rejected anyway, so their warning says nothing about the result
+        # the search probes small noise levels whose optimal RDP order is off the grid;
+        # those probes spend too much and are rejected, so their warning says nothing
         warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
-        return get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=accountant,
-            **_accountant_kwargs(accountant),
-        )
+        return search_noise(lambda sigma: _epsilon(((sigma, sample_rate, total_steps),), delta, accountant), epsilon)
+
+
+def search_noise(epsilon_at, target: float, tolerance: float = EPSILON_TOLERANCE) -> float:
+    """The noise multiplier sigma with target - tolerance <= epsilon_at(sigma) <= target.
+
+    Opacus's get_noise_multiplier bisects sigma from [0, 20]: about 16 probes, each a
+    fraction of a second of PRV arithmetic (its domain bound alone runs RDP over fractional
+    orders in Python), and a deployed site pays it at its first training message. Epsilon
+    falls smoothly with sigma, close to a power law (eps ~ c / sigma where sites train), so
+    secant steps in log-log space land in the window in 3-6 probes. Only a sigma whose own
+    probe spends at most the target is ever returned: the guarantee does not rest on the
+    interpolation, which merely picks the next probe.
+    """
+    if not 0 < tolerance < target:
+        raise ValueError(f"tolerance {tolerance} must be in (0, target {target})")
+    log_aim = math.log(target - tolerance / 2)  # the middle of the window
+    probes: list[tuple[float, float]] = []  # (log sigma, log eps), eps finite and > 0
+    over = under = None  # log sigma of the nearest probes above / within the target: the bracket
+    x = 0.0  # sigma 1
+    for _ in range(100):
+        sigma = math.exp(x)
+        if sigma > MAX_SIGMA:
+            raise CalibrationError(f"epsilon {target} is out of reach: even noise multiplier {MAX_SIGMA:g} spends "
+                                   "more. Raise privacy.epsilon or train fewer steps")
+        eps = float(epsilon_at(sigma))
+        if eps <= target:
+            if target - eps <= tolerance:
+                return sigma
+            under = x if under is None else min(under, x)
+        else:
+            over = x if over is None else max(over, x)
+        if 0 < eps < math.inf:
+            probes.append((x, math.log(eps)))
+        x = _next_probe(x, probes, over, under, log_aim)
+    raise CalibrationError(f"no noise multiplier found for epsilon {target} in 100 probes")
+
+
+def _next_probe(x: float, probes, over, under, log_aim: float) -> float:
+    if len(probes) >= 2 and probes[-1][1] != probes[-2][1]:  # secant through the last two probes
+        (x0, y0), (x1, y1) = probes[-2:]
+        guess = x1 + (log_aim - y1) * (x0 - x1) / (y0 - y1)
+    elif probes:  # one probe: the power law
+        guess = probes[-1][0] + probes[-1][1] - log_aim
+    else:
+        guess = math.nan
+    if over is not None and under is not None:  # bracketed: stay inside it, else bisect
+        return guess if over < guess < under else (over + under) / 2
+    # not yet bracketed: move away from the side probed so far, by a factor 1.05 to 4
+    step = guess - x if math.isfinite(guess) else math.inf
+    if under is None:
+        return x + min(max(step, math.log(1.05)), math.log(4))
+    return x - min(max(-step, math.log(1.05)), math.log(4))
 
 
 @lru_cache(maxsize=1024)

@@ -11,8 +11,9 @@ Before any of the app's code is imported, the host checks that the run's FAB is 
 a key the site trusts (fedslm.deploy.signing). That is why this file runs as a script
 (`python -I host.py`), not as `fedslm.site.host`: the signed app brings its own `fedslm`,
 and nothing of the site's installed copy may be imported first and shadow it. Until the
-check passes only the standard library, flwr, cryptography and signing.py (loaded by file
-path) are in the process.
+check passes only the standard library, flwr, cryptography, signing.py (loaded by file
+path) and the third-party libraries named by `--preload` (a spare host's, imported before
+any run: torch, transformers, peft, opacus; never fedslm) are in the process.
 
 Protocol with the worker: one task token per line on stdin; the host answers each with
 one line on stdout (`done TOKEN`), so the worker knows when the host is idle.
@@ -179,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-api", required=True)
     ap.add_argument("--trusted-entities", type=Path, required=True)
     ap.add_argument("--root-certificates", type=Path, default=None)
+    ap.add_argument("--preload", default="", help="comma-separated third-party modules to import before any run")
     args = ap.parse_args(argv)
+    for name in filter(None, args.preload.split(",")):
+        if name.split(".")[0] == "fedslm":
+            ap.error("--preload: fedslm comes with the run's signed app and must not be imported before its check")
+        importlib.import_module(name)
     host = Host(args.runtime_api, args.trusted_entities, args.root_certificates)
     try:
         CHANNEL.write("ready\n")

@@ -9,6 +9,11 @@ message of the run warm. A host that dies (killed, out of memory) is replaced on
 run's next message; the message it held expires in Flower and the server goes on
 without that site for the round.
 
+One host is started ahead of need (the spare): at start-up, and again once the site has
+been idle for a while. It imports the site's installed libraries (`PRELOAD`) while no run
+is waiting, so a run's first messages do not pay those imports; whichever run comes
+next takes it.
+
 This process never imports the app: it runs only the site's installed code.
 """
 
@@ -23,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST_SCRIPT = Path(__file__).resolve().parent / "host.py"
+# Third-party libraries every fedslm app uses, imported by a spare host before any run
+# (never fedslm itself: the run's signed app brings its own). Opacus is the one a DP
+# site's first training message would otherwise import, with scipy under it.
+PRELOAD = ("torch", "transformers", "peft", "opacus", "opacus.accountants")
 
 
 def log(text: str) -> None:
@@ -68,7 +77,9 @@ class SiteWorker:
     root_certificates: Path | None = None  # when the Runtime API serves TLS
     auth_secret_file: Path | None = None  # the SuperNode's --superexec-auth-secret-file
     poll_s: float = 0.25  # a local call, but every site pays it all the time
+    spare_after_idle_s: float | None = 60.0  # None: no spare, each run starts its host cold
     hosts: dict[int, _Host] = field(default_factory=dict)
+    spare: subprocess.Popen | None = None
 
     def __post_init__(self):
         from fedslm.deploy.signing import load_trusted
@@ -108,11 +119,8 @@ class SiteWorker:
         for other in list(self.hosts.values()):
             other.stop()
         self.hosts.clear()
-        cmd = [sys.executable, "-I", str(HOST_SCRIPT), "--runtime-api", self.runtime_api,
-               "--trusted-entities", str(self.trusted_entities)]
-        if self.root_certificates is not None:
-            cmd += ["--root-certificates", str(self.root_certificates)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        proc = self.spare if self.spare is not None and self.spare.poll() is None else self._spawn()
+        self.spare = None
         ready = select.select([proc.stdout], [], [], 120)[0] and proc.stdout.readline().strip() == "ready"
         if not ready:
             proc.kill()
@@ -122,6 +130,28 @@ class SiteWorker:
         log(f"run {run_id}: app host started (pid {proc.pid})")
         self.hosts[run_id] = _Host(run_id, proc)
         return self.hosts[run_id]
+
+    def _spawn(self) -> subprocess.Popen:
+        """A new host process; it says `ready` on stdout once it can take a task."""
+        cmd = [sys.executable, "-I", str(HOST_SCRIPT), "--runtime-api", self.runtime_api,
+               "--trusted-entities", str(self.trusted_entities)]
+        if self.root_certificates is not None:
+            cmd += ["--root-certificates", str(self.root_certificates)]
+        if self.spare_after_idle_s is not None:
+            cmd += ["--preload", ",".join(PRELOAD)]
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def _keep_spare(self, idle_s: float) -> None:
+        """Start a spare host when there is none and the site has been idle long enough
+        that its imports take no CPU from a run (at start-up: at once)."""
+        busy = any(h.pending for h in self.hosts.values())
+        if self.spare_after_idle_s is None or busy or idle_s < self.spare_after_idle_s:
+            return
+        if self.spare is not None and self.spare.poll() is not None:
+            log(f"the spare app host died (exit code {self.spare.returncode}); its error is above")
+            self.spare = None
+        if self.spare is None:
+            self.spare = self._spawn()
 
     def serve(self) -> None:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -134,13 +164,16 @@ class SiteWorker:
             f"{', '.join(self.trusted_ids)}")
         # a round's next message follows this site's reply within moments: look again soon
         pace = Backoff(cap=self.poll_s)
+        last_task = -float("inf")
         try:
             while True:
+                self._keep_spare(time.monotonic() - last_task)
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 if not (res.HasField("task") and res.token):
                     pace.wait()
                     continue
                 pace.reset()
+                last_task = time.monotonic()
                 run_id = res.task.run_id
                 try:
                     # the worker never waits on a host: a host stuck on one task must not
@@ -154,4 +187,7 @@ class SiteWorker:
         finally:
             for host in self.hosts.values():
                 host.stop()
+            if self.spare is not None:
+                self.spare.kill()
+                self.spare.wait()
             client.close()

@@ -20,7 +20,8 @@ and, for BANKING77, greedy generation's exact match on the first --gen-rows held
 Accuracy and macro-F1 carry 95% bootstrap intervals over the held-out rows. The central
 row trains one site on all training rows with the same recipe and token budget; the
 site-alone rows train each site (--alone-sites of them) on its own rows with DP: the floor
-the federation must beat. Writes utility.json and prints the table the README shows.
+the federation must beat. Writes utility.json (utility-DATA.json for one data set,
+-quick for --quick) and prints the table the README shows.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # JSON Lines ends records at "\n" only: str.splitlines() also splits at U+2028 and
+    # other separators that PubMedQA's abstracts hold inside their strings
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def banking77_split(tmp: Path, per_label: int, seed: int = 0) -> list[tuple[Path, Path]]:
@@ -281,7 +284,9 @@ def main() -> None:
               "command": "python -m benchmarks.utility " + " ".join(_portable(sys.argv[1:])),
               "recipe": RECIPE + [f"{d}: {' '.join(PER_DATA[d])}" for d in args.data] + args.recipe,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    path = Path("benchmarks/results") / ("utility-quick.json" if args.quick else "utility.json")
+    # a run of one data set does not overwrite the other's figures
+    name = "utility" + ("" if set(args.data) == set(PER_DATA) else "-" + "-".join(args.data))
+    path = Path("benchmarks/results") / f"{name}{'-quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     print("\n" + table(rows))

@@ -68,3 +68,17 @@ def reproducible_dp():
 
     with reproducible_for_tests():
         yield
+
+
+@pytest.fixture
+def publisher(tmp_path):
+    """A publisher's key pair and the trusted-entities file a site keeps for it:
+    (private key path, trusted-entities path, key id)."""
+    from fedslm.deploy.certs import make_publisher_key
+    from fedslm.deploy.signing import trusted_entity
+
+    private, public = make_publisher_key(tmp_path)
+    kid, line = trusted_entity(public)
+    trusted = tmp_path / "trusted.yaml"
+    trusted.write_text(f'{kid}: "{line}"\n')
+    return private, trusted, kid

@@ -15,7 +15,7 @@ from fedslm.cli import main as cli
 from fedslm.config.compose import REPO_ROOT
 from fedslm.deploy.certs import make_publisher_key
 from fedslm.deploy.signing import (
-    SIGNATURE_KEY, UnsignedAppError, check_fab, fab_bytes, load_private_key, load_trusted, sign_fab, trusted_entity,
+    SIGNATURE_KEY, UnsignedAppError, check_fab, fab_bytes, load_private_key, load_trusted, sign_fab,
 )
 
 
@@ -25,11 +25,8 @@ def app() -> bytes:
 
 
 @pytest.fixture
-def keys(tmp_path):
-    private, public = make_publisher_key(tmp_path)
-    kid, line = trusted_entity(public)
-    trusted = tmp_path / "trusted.yaml"
-    trusted.write_text(f'{kid}: "{line}"\n')
+def keys(publisher):
+    private, trusted, kid = publisher
     return load_private_key(private), load_trusted(trusted), kid
 
 

@@ -11,18 +11,12 @@ import sys
 
 import pytest
 
-from fedslm.deploy.certs import make_publisher_key
-from fedslm.deploy.signing import trusted_entity
 from fedslm.site.worker import HOST_SCRIPT, PRELOAD, SiteWorker
 
 
 @pytest.fixture
-def trusted(tmp_path):
-    _, public = make_publisher_key(tmp_path)
-    kid, line = trusted_entity(public)
-    path = tmp_path / "trusted.yaml"
-    path.write_text(f'{kid}: "{line}"\n')
-    return path
+def trusted(publisher):
+    return publisher[1]
 
 
 def _host(trusted, *extra) -> list[str]:

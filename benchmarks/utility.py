@@ -21,7 +21,7 @@ Accuracy and macro-F1 carry 95% bootstrap intervals over the held-out rows. The 
 row trains one site on all training rows with the same recipe and token budget; the
 site-alone rows train each site (--alone-sites of them) on its own rows with DP: the floor
 the federation must beat. Writes utility.json (utility-DATA.json for one data set,
--quick for --quick) and prints the table the README shows.
+-Nof5 for --folds N, -quick for --quick) and prints the table the README shows.
 """
 
 from __future__ import annotations
@@ -270,6 +270,8 @@ def main() -> None:
     args.gen_rows = args.gen_rows if args.gen_rows is not None else (10 if args.quick else 200)
     if args.folds is not None and not 1 <= args.folds <= 5:
         raise SystemExit(f"--folds {args.folds}: give 1 to 5 (PubMedQA is cut into 5 folds)")
+    if args.folds is not None and "pubmedqa" not in args.data:
+        raise SystemExit("--folds applies to PubMedQA's cross-validation; BANKING77 has one held-out split")
     out = Path(args.out or tempfile.mkdtemp(prefix="fedslm-utility-"))
     out.mkdir(parents=True, exist_ok=True)
     started, rows = time.perf_counter(), []
@@ -284,8 +286,10 @@ def main() -> None:
               "command": "python -m benchmarks.utility " + " ".join(_portable(sys.argv[1:])),
               "recipe": RECIPE + [f"{d}: {' '.join(PER_DATA[d])}" for d in args.data] + args.recipe,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    # a run of one data set does not overwrite the other's figures
+    # a run of one data set, or of some of PubMedQA's folds, does not overwrite fuller figures
     name = "utility" + ("" if set(args.data) == set(PER_DATA) else "-" + "-".join(args.data))
+    if args.folds and args.folds < 5:
+        name += f"-{args.folds}of5"
     path = Path("benchmarks/results") / f"{name}{'-quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -64,7 +64,7 @@ def _site(args: argparse.Namespace) -> int:
     from fedslm.site.worker import SiteWorker
 
     try:
-        if args.spare_after_idle_s < 0:
+        if not 0 <= args.spare_after_idle_s < float("inf"):
             raise ValueError(f"--spare-after-idle-s {args.spare_after_idle_s}: give seconds >= 0 (0 turns it off)")
         worker = SiteWorker(args.runtime_api, args.trusted_entities, args.root_certificates, args.auth_secret_file,
                             spare_after_idle_s=args.spare_after_idle_s or None)

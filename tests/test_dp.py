@@ -267,8 +267,9 @@ def test_noise_search_lands_in_opacus_window_in_few_probes(epsilon, sample_rate,
 
 def test_noise_search_never_returns_a_probe_over_the_target():
     """A curve the log-log secant fits badly (a kink, flat stretches) costs probes, never
-    the guarantee; an unreachable target is an error, not a silently weak noise level."""
-    from fedslm.privacy.accounting import CalibrationError, search_noise
+    the guarantee; an unreachable target is an error, not a silently weak noise level;
+    an accountant whose epsilon jumps past the window is a failure, not a site too small."""
+    from fedslm.privacy.accounting import MAX_SIGMA, CalibrationError, search_noise
 
     def kinked(sigma):  # steep below sigma 3, nearly flat above
         return 40.0 / sigma**3 if sigma < 3 else 1.48 - 0.01 * sigma
@@ -276,10 +277,18 @@ def test_noise_search_never_returns_a_probe_over_the_target():
     seen = {}
     sigma = search_noise(lambda s: seen.setdefault(s, kinked(s)), 1.2)
     assert sigma in seen and 1.19 <= seen[sigma] <= 1.2  # returned only as it was probed
-    with pytest.raises(CalibrationError, match="out of reach"):
-        search_noise(lambda s: 5.0 + 1.0 / s, 4.0)  # never below 5
-    with pytest.raises(ValueError, match="tolerance"):
-        search_noise(lambda s: 1.0 / s, 0.005)
+
+    probed = []
+    with pytest.raises(CalibrationError, match="out of reach: even noise multiplier 1e\\+06 spends 5"):
+        search_noise(lambda s: probed.append(s) or 5.0 + 1.0 / s, 4.0)  # never below 5
+    assert max(probed) == pytest.approx(MAX_SIGMA)  # the limit itself was tried
+    with pytest.raises(RuntimeError, match="does not fall steadily"):
+        search_noise(lambda s: 9.0 if s < 3 else 1.0, 5.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        search_noise(lambda s: 1.0 / s, 0.0)
+    # a target below twice the tolerance keeps a window inside (0, target]
+    sigma = search_noise(lambda s: 0.01 / s, 0.005)
+    assert 0.0025 <= 0.01 / sigma <= 0.005
 
 
 def test_prv_and_rdp_both_bound_the_same_history():

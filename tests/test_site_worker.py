@@ -47,10 +47,10 @@ class _FakeHost:
     """A process that says ready and then reads tasks until its stdin closes."""
 
     def __init__(self):
-        self.spawned = 0
+        self.spawned = []
 
-    def __call__(self):
-        self.spawned += 1
+    def __call__(self, preload=False):
+        self.spawned.append(preload)
         return subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -59,47 +59,97 @@ def test_the_spare_is_started_at_once_taken_by_the_next_run_and_renewed_only_whe
     worker = SiteWorker("127.0.0.1:9", trusted)
     spawn = _FakeHost()
     monkeypatch.setattr(worker, "_spawn", spawn)
+    first = None
     try:
-        worker._keep_spare(float("inf"))  # start-up: nothing has run yet
+        worker._keep_spare(1000.0)  # start-up: nothing has run yet
         first = worker.spare
-        assert spawn.spawned == 1 and first is not None
-        worker._keep_spare(float("inf"))
-        assert spawn.spawned == 1  # one spare at a time
+        assert spawn.spawned == [True] and first is not None  # a spare preloads the libraries
+        worker._keep_spare(1000.0)
+        assert len(spawn.spawned) == 1  # one spare at a time
 
         host = worker._host(run_id=7)  # the run takes the spare instead of starting cold
-        assert host.proc is first and worker.spare is None and spawn.spawned == 1
-        host.hand("task-1")  # the run's host is now working
-        worker._keep_spare(600.0)
+        assert host.proc is first and worker.spare is None and len(spawn.spawned) == 1
+        host.hand("task-1")  # the run's host works on a long training message
+        worker._keep_spare(2000.0)
         assert worker.spare is None  # its imports would take CPU from the run
-
-        host.pending.clear()  # the task is done
-        worker._keep_spare(30.0)
+        host.pending.clear()  # the task is done at 2000 s
+        worker._keep_spare(2030.0)
         assert worker.spare is None  # between two messages of a round: not idle yet
-        worker._keep_spare(61.0)
-        assert spawn.spawned == 2 and worker.spare is not None
+        worker._keep_spare(2061.0)
+        assert spawn.spawned == [True, True] and worker.spare is not None
 
-        worker.spare.kill()  # a spare that died is replaced, and never handed a run
+        worker.spare.kill()  # a spare that died is not handed a run: a fresh host is
         worker.spare.wait()
         host2 = worker._host(run_id=8)
-        assert host2.proc is not first and host2.proc.poll() is None and spawn.spawned == 3
+        assert host2.proc is not first and host2.proc.poll() is None and spawn.spawned == [True, True, False]
     finally:
         for h in worker.hosts.values():
             h.stop()
-        if worker.spare is not None:
-            worker.spare.kill()
-        first.kill()
+        for proc in (worker.spare, first):
+            if proc is not None:
+                proc.kill()
+
+
+def test_a_spare_that_dies_is_replaced_after_another_idle_spell_not_in_a_loop(trusted, monkeypatch):
+    worker = SiteWorker("127.0.0.1:9", trusted)
+    monkeypatch.setattr(worker, "_spawn", lambda preload=False: subprocess.Popen(
+        [sys.executable, "-c", "raise SystemExit(3)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    worker._keep_spare(1000.0)
+    worker.spare.wait()
+    worker._keep_spare(1001.0)  # seen dead: dropped, and the idle clock starts again
+    assert worker.spare is None
+    worker._keep_spare(1030.0)
+    assert worker.spare is None
+    worker._keep_spare(1062.0)
+    assert worker.spare is not None
+    worker.spare.wait()
 
 
 def test_no_spare_when_the_site_turns_it_off(trusted, monkeypatch):
     worker = SiteWorker("127.0.0.1:9", trusted, spare_after_idle_s=None)
     spawn = _FakeHost()
     monkeypatch.setattr(worker, "_spawn", spawn)
-    worker._keep_spare(float("inf"))
-    assert spawn.spawned == 0 and worker.spare is None
+    worker._keep_spare(1000.0)
+    assert spawn.spawned == [] and worker.spare is None
+
+
+def test_a_spare_host_checks_the_run_against_the_keys_trusted_when_the_run_arrives(tmp_path, publisher):
+    """A spare host may wait hours: a publisher key the site withdrew meanwhile must not
+    let the next run in."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from fedslm.config.compose import REPO_ROOT
+    from fedslm.deploy.certs import make_publisher_key
+    from fedslm.deploy.signing import SIGNATURE_KEY, fab_bytes, load_private_key, sign_fab, trusted_entity
+
+    spec = importlib.util.spec_from_file_location("_fedslm_site_host_under_test", HOST_SCRIPT)
+    host_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_mod)
+    private, trusted, _ = publisher
+    host = host_mod.Host("127.0.0.1:9", trusted, None)
+    try:
+        # the site replaces the publisher's key after the spare started
+        _, new_public = make_publisher_key(tmp_path / "rotated")
+        kid, line = trusted_entity(new_public)
+        trusted.write_text(f'{kid}: "{line}"\n')
+        fab = fab_bytes(REPO_ROOT)
+        signature = sign_fab(fab, load_private_key(private))  # signed with the withdrawn key
+        run = SimpleNamespace(run_id=1, fab_id="fedslm/fedslm", fab_version="0.1.0")
+        # the host's own copy of signing.py, loaded by path: its error class, not fedslm's
+        with pytest.raises(host.signing.UnsignedAppError, match="a key this site does not trust"):
+            host._admit(run, SimpleNamespace(content=fab, hash_str="0" * 64),
+                        SimpleNamespace(run_config={SIGNATURE_KEY: signature}))
+        assert host.app is None
+    finally:
+        import shutil
+
+        shutil.rmtree(host.install_root, ignore_errors=True)
 
 
 def test_site_refuses_a_negative_idle_time(trusted, capsys):
     from fedslm.cli import main as cli
 
-    assert cli(["site", "--trusted-entities", str(trusted), "--spare-after-idle-s", "-1"]) == 2
-    assert "--spare-after-idle-s -1.0: give seconds >= 0" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf"):
+        assert cli(["site", "--trusted-entities", str(trusted), "--spare-after-idle-s", bad]) == 2
+        assert f"--spare-after-idle-s {float(bad)}: give seconds >= 0" in capsys.readouterr().err

@@ -67,41 +67,50 @@ def _calibrated(epsilon: float, delta: float, sample_rate: float, total_steps: i
 
 
 def search_noise(epsilon_at, target: float, tolerance: float = EPSILON_TOLERANCE) -> float:
-    """The noise multiplier sigma with target - tolerance <= epsilon_at(sigma) <= target.
+    """The noise multiplier sigma with target - tolerance <= epsilon_at(sigma) <= target
+    (for a target below 2 x tolerance, the window is the upper half of [0, target]).
 
     Opacus's get_noise_multiplier bisects sigma from [0, 20]: about 16 probes, each a
     fraction of a second of PRV arithmetic (its domain bound alone runs RDP over fractional
     orders in Python), and a deployed site pays it at its first training message. Epsilon
     falls smoothly with sigma, close to a power law (eps ~ c / sigma where sites train), so
-    secant steps in log-log space land in the window in 3-6 probes. Only a sigma whose own
-    probe spends at most the target is ever returned: the guarantee does not rest on the
-    interpolation, which merely picks the next probe.
+    secant steps in log-log space land in the window in a few probes (3-6 on the plans
+    measured). Only a sigma whose own probe spends at most the target is ever returned:
+    the guarantee does not rest on the interpolation, which merely picks the next probe.
     """
-    if not 0 < tolerance < target:
-        raise ValueError(f"tolerance {tolerance} must be in (0, target {target})")
+    if not target > 0:
+        raise ValueError(f"target epsilon {target} must be > 0")
+    tolerance = min(tolerance, target / 2)
     log_aim = math.log(target - tolerance / 2)  # the middle of the window
+    top = math.log(MAX_SIGMA)
     probes: list[tuple[float, float]] = []  # (log sigma, log eps), eps finite and > 0
     over = under = None  # log sigma of the nearest probes above / within the target: the bracket
+    sides: list[bool] = []  # whether each probe spent more than the target
     x = 0.0  # sigma 1
     for _ in range(100):
+        x = min(x, top)
         sigma = math.exp(x)
-        if sigma > MAX_SIGMA:
-            raise CalibrationError(f"epsilon {target} is out of reach: even noise multiplier {MAX_SIGMA:g} spends "
-                                   "more. Raise privacy.epsilon or train fewer steps")
         eps = float(epsilon_at(sigma))
         if eps <= target:
             if target - eps <= tolerance:
                 return sigma
             under = x if under is None else min(under, x)
+        elif x >= top:
+            raise CalibrationError(f"epsilon {target} is out of reach: even noise multiplier {MAX_SIGMA:g} spends "
+                                   f"{eps:.3g}. Raise privacy.epsilon or train fewer steps")
         else:
             over = x if over is None else max(over, x)
+        sides.append(not eps <= target)
         if 0 < eps < math.inf:
             probes.append((x, math.log(eps)))
-        x = _next_probe(x, probes, over, under, log_aim)
-    raise CalibrationError(f"no noise multiplier found for epsilon {target} in 100 probes")
+        # three probes in a row on one side: the secant is creeping, so halve the bracket
+        stalled = len(sides) >= 3 and len(set(sides[-3:])) == 1
+        x = _next_probe(x, probes, over, under, log_aim, stalled)
+    raise RuntimeError(f"the noise search found no sigma for epsilon {target} in 100 probes: the accountant's "
+                       "epsilon does not fall steadily with the noise multiplier")
 
 
-def _next_probe(x: float, probes, over, under, log_aim: float) -> float:
+def _next_probe(x: float, probes, over, under, log_aim: float, stalled: bool) -> float:
     if len(probes) >= 2 and probes[-1][1] != probes[-2][1]:  # secant through the last two probes
         (x0, y0), (x1, y1) = probes[-2:]
         guess = x1 + (log_aim - y1) * (x0 - x1) / (y0 - y1)
@@ -110,7 +119,7 @@ def _next_probe(x: float, probes, over, under, log_aim: float) -> float:
     else:
         guess = math.nan
     if over is not None and under is not None:  # bracketed: stay inside it, else bisect
-        return guess if over < guess < under else (over + under) / 2
+        return guess if over < guess < under and not stalled else (over + under) / 2
     # not yet bracketed: move away from the side probed so far, by a factor 1.05 to 4
     step = guess - x if math.isfinite(guess) else math.inf
     if under is None:

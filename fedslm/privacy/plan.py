@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fedslm.config import PrivacyConfig, TrainConfig
 from fedslm.data.errors import DataError
-from fedslm.privacy.accounting import calibrate_noise
+from fedslm.privacy.accounting import CalibrationError, calibrate_noise
 
 
 @dataclass
@@ -31,7 +31,7 @@ def plan_dp(cfg: PrivacyConfig, train: TrainConfig, num_examples: int, rounds: i
 def _plan_or_none(cfg: PrivacyConfig, train: TrainConfig, n: int, rounds: int) -> DPPlan | None:
     try:
         return plan_dp(cfg, train, n, rounds)
-    except ValueError:  # Opacus gives up when no noise level reaches the target
+    except CalibrationError:  # no noise level reaches the target with this many rows
         return None
 
 

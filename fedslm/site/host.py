@@ -89,7 +89,9 @@ class Host:
         self.runtime_api = runtime_api
         self.certificates = root_certificates.read_bytes() if root_certificates else None
         self.signing = _load_signing()
-        self.trusted = self.signing.load_trusted(trusted_entities)
+        # read when the run's first message arrives, not now: a spare host may wait hours,
+        # and a key the site has withdrawn since must not let a run in
+        self.trusted_entities = trusted_entities
         self.fab_hash: str | None = None  # the one app this host runs, once checked
         self.refusal: Exception | None = None  # why it was refused (or failed to load)
         self.app = None
@@ -113,8 +115,9 @@ class Host:
         if self.fab_hash is None:
             self.fab_hash = fab.hash_str
             try:
+                trusted = self.signing.load_trusted(self.trusted_entities)
                 kid = self.signing.check_fab(fab.content, str(context.run_config.get(self.signing.SIGNATURE_KEY, "")),
-                                             self.trusted)
+                                             trusted)
                 log(f"run {run.run_id}: app {run.fab_id} {run.fab_version} (FAB sha256 {fab.hash_str[:16]}) is "
                     f"signed by trusted key {kid}")
                 # installed from the bytes just verified, and loaded from that install, which
@@ -185,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in filter(None, args.preload.split(",")):
         if name.split(".")[0] == "fedslm":
             ap.error("--preload: fedslm comes with the run's signed app and must not be imported before its check")
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - a head start only: the app imports what it needs itself
+            log(f"could not preload {name} ({type(err).__name__}: {err}); the run's app will import it if it needs it")
     host = Host(args.runtime_api, args.trusted_entities, args.root_certificates)
     try:
         CHANNEL.write("ready\n")

@@ -9,8 +9,8 @@ message of the run warm. A host that dies (killed, out of memory) is replaced on
 run's next message; the message it held expires in Flower and the server goes on
 without that site for the round.
 
-One host is started ahead of need (the spare): at start-up, and again once the site has
-been idle for a while. It imports the site's installed libraries (`PRELOAD`) while no run
+One host is started ahead of need (the spare): at start-up, and again once no host has
+had work for a while. It imports the site's installed libraries (`PRELOAD`) while no run
 is waiting, so a run's first messages do not pay those imports; whichever run comes
 next takes it.
 
@@ -80,6 +80,7 @@ class SiteWorker:
     spare_after_idle_s: float | None = 60.0  # None: no spare, each run starts its host cold
     hosts: dict[int, _Host] = field(default_factory=dict)
     spare: subprocess.Popen | None = None
+    last_work: float = -float("inf")  # monotonic time a task was last taken or last worked on
 
     def __post_init__(self):
         from fedslm.deploy.signing import load_trusted
@@ -119,39 +120,52 @@ class SiteWorker:
         for other in list(self.hosts.values()):
             other.stop()
         self.hosts.clear()
-        proc = self.spare if self.spare is not None and self.spare.poll() is None else self._spawn()
-        self.spare = None
-        ready = select.select([proc.stdout], [], [], 120)[0] and proc.stdout.readline().strip() == "ready"
-        if not ready:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"the app host for run {run_id} failed to start (exit code {proc.returncode}); "
-                               "its error is above")
+        proc, self.spare = self.spare, None
+        if proc is None or not self._ready(proc):  # no spare, or it died before it was ready
+            proc = self._spawn()
+            if not self._ready(proc):
+                raise RuntimeError(f"the app host for run {run_id} failed to start (exit code {proc.returncode}); "
+                                   "its error is above")
         log(f"run {run_id}: app host started (pid {proc.pid})")
         self.hosts[run_id] = _Host(run_id, proc)
         return self.hosts[run_id]
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self, preload: bool = False) -> subprocess.Popen:
         """A new host process; it says `ready` on stdout once it can take a task."""
         cmd = [sys.executable, "-I", str(HOST_SCRIPT), "--runtime-api", self.runtime_api,
                "--trusted-entities", str(self.trusted_entities)]
         if self.root_certificates is not None:
             cmd += ["--root-certificates", str(self.root_certificates)]
-        if self.spare_after_idle_s is not None:
+        if preload:  # a spare: the imports are done while nothing waits for it
             cmd += ["--preload", ",".join(PRELOAD)]
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def _keep_spare(self, idle_s: float) -> None:
-        """Start a spare host when there is none and the site has been idle long enough
-        that its imports take no CPU from a run (at start-up: at once)."""
-        busy = any(h.pending for h in self.hosts.values())
-        if self.spare_after_idle_s is None or busy or idle_s < self.spare_after_idle_s:
+    @staticmethod
+    def _ready(proc: subprocess.Popen) -> bool:
+        """Wait for the host's `ready` line (a spare may still be importing); a host that
+        dies or stays silent for two minutes is ended."""
+        if select.select([proc.stdout], [], [], 120)[0] and proc.stdout.readline().strip() == "ready":
+            return True
+        proc.kill()
+        proc.wait()
+        return False
+
+    def _keep_spare(self, now: float) -> None:
+        """Start a spare host when there is none and no host has had work for
+        spare_after_idle_s, so that its imports take no CPU from a run (at start-up: at
+        once). `now` is time.monotonic()."""
+        if any(h.pending for h in self.hosts.values()):
+            self.last_work = now
+        if self.spare_after_idle_s is None or now - self.last_work < self.spare_after_idle_s:
             return
         if self.spare is not None and self.spare.poll() is not None:
             log(f"the spare app host died (exit code {self.spare.returncode}); its error is above")
+            self.spare.wait()
             self.spare = None
+            self.last_work = now  # try again after another idle spell, not in a loop
+            return
         if self.spare is None:
-            self.spare = self._spawn()
+            self.spare = self._spawn(preload=True)
 
     def serve(self) -> None:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -164,16 +178,15 @@ class SiteWorker:
             f"{', '.join(self.trusted_ids)}")
         # a round's next message follows this site's reply within moments: look again soon
         pace = Backoff(cap=self.poll_s)
-        last_task = -float("inf")
         try:
             while True:
-                self._keep_spare(time.monotonic() - last_task)
+                self._keep_spare(time.monotonic())
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 if not (res.HasField("task") and res.token):
                     pace.wait()
                     continue
                 pace.reset()
-                last_task = time.monotonic()
+                self.last_work = time.monotonic()
                 run_id = res.task.run_id
                 try:
                     # the worker never waits on a host: a host stuck on one task must not

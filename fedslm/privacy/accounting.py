@@ -57,6 +57,8 @@ class CalibrationError(ValueError):
     """No noise multiplier up to MAX_SIGMA keeps epsilon within the target."""
 
 
+# A site asks the same question every round: a pure function of its arguments, cached
+# (its probes land in _epsilon's cache too).
 @lru_cache(maxsize=256)
 def _calibrated(epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str) -> float:
     with warnings.catch_warnings():

@@ -291,6 +291,39 @@ def test_noise_search_never_returns_a_probe_over_the_target():
     assert 0.0025 <= 0.01 / sigma <= 0.005
 
 
+def test_remembered_rdp_curves_give_opacus_figures_and_are_not_recomputed(monkeypatch):
+    """A warm site's every training message composes epsilon over rounds that share one
+    (sample rate, sigma); the one-step RDP curve is computed once per process. The figures
+    must be Opacus's own, to the bit, for both accountants (PRV uses the curve for its
+    domain), and a new round of the same plan must compute no order again."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    from fedslm.privacy import accounting
+
+    accounting._memoise_rdp()
+    exact = analysis.compute_rdp.exact
+    # values no other test uses: _epsilon's own cache must not answer for the memo
+    history = [(0.9137, 0.0219, 3), (0.9137, 0.0219, 4), (1.3071, 0.0113, 5)]
+    for accountant in ("rdp", "prv"):
+        with monkeypatch.context() as m:
+            m.setattr(analysis, "compute_rdp", exact)
+            acc = create_accountant(accountant)
+            acc.history = list(history)
+            theirs = acc.get_epsilon(delta=1e-5, **({"alphas": RDP_ALPHAS} if accountant == "rdp" else {}))
+        assert PrivacyLedger(history).epsilon(1e-5, accountant) == theirs
+
+    orders_computed = []
+    one_order = analysis._compute_rdp
+    monkeypatch.setattr(analysis, "_compute_rdp", lambda *a: orders_computed.append(a) or one_order(*a))
+    later = PrivacyLedger(history + [(0.9137, 0.0219, 2)])
+    assert later.epsilon(1e-5, "rdp") > PrivacyLedger(history).epsilon(1e-5, "rdp")
+    later.epsilon(1e-5, "prv")
+    assert orders_computed == []
+    PrivacyLedger([(0.777, 0.0219, 2)]).epsilon(1e-5, "rdp")  # a new sigma is computed, once
+    assert len(orders_computed) == len(RDP_ALPHAS)
+
+
 def test_prv_and_rdp_both_bound_the_same_history():
     ledger = PrivacyLedger([(0.8, 0.02, 30)])
     rdp, prv = ledger.epsilon(1e-5, "rdp"), ledger.epsilon(1e-5, "prv")

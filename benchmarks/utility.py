@@ -137,6 +137,7 @@ def one_split(data: str, train: Path, heldout: Path, args, out: Path) -> list[di
     from fedslm.data.sites import site_rows
     from fedslm.model import resolve_model_dir
 
+    out.mkdir(parents=True, exist_ok=True)  # the site-alone rows write here even when no federated row ran
     preset = [f"data={data}", f"data.path={train}", *RECIPE, *PER_DATA[data], *args.recipe]
     if args.per_site:
         preset.append(f"data.max_examples={args.per_site}")

@@ -56,3 +56,34 @@ def test_banking77_held_out_rows_are_stratified_and_unseen(shared, tmp_path):
     t, h = utility._read(train), utility._read(held)
     assert Counter(r["label"] for r in h) == {f"intent{k}": 3 for k in range(4)}
     assert not {r["text"] for r in t} & {r["text"] for r in h} and len(t) + len(h) == 40
+
+
+def test_the_site_alone_rows_run_on_their_own(shared, tmp_path, monkeypatch):
+    """`--skip central federated` runs only the site-alone rows: each site's own rows are
+    written beside the fold and trained alone, and the rows fold into one mean row (the
+    training and the scoring are stubbed: this checks the benchmark's own plumbing)."""
+    import argparse
+
+    import fedslm.model
+
+    rows = [{"question": f"q{i}", "context": "c", "long_answer": "a", "label": "yes no maybe".split()[i % 3]}
+            for i in range(30)]
+    train = tmp_path / "train.jsonl"
+    _jsonl(train, rows)
+    trained = []
+
+    def federate(name, overrides, out):
+        path = [o.split("=", 1)[1] for o in overrides if o.startswith("data.path=")][-1]  # Hydra: the last wins
+        trained.append((name, len(utility._read(utility.Path(path)))))
+        return {"epsilon": 8.0, "wall_seconds": 1.0, "model_dir": out / name}
+
+    monkeypatch.setattr(utility, "federate", federate)
+    monkeypatch.setattr(utility, "score", lambda model_dir, cfg, gen: {"accuracy": 0.5, "macro_f1": 0.4, "held_out": 3})
+    monkeypatch.setattr(fedslm.model, "resolve_model_dir", lambda cfg: tmp_path / "base")
+    args = argparse.Namespace(recipe=[], per_site=0, gen_rows=0, skip=["central", "federated"], epsilons=[8.0],
+                              alone_sites=99)
+    out = utility.one_split("pubmedqa", train, train, args, tmp_path / "fold0")  # the fold's directory is not there
+    assert [name for name, _ in trained] == ["alone-0", "alone-1", "alone-2"]
+    assert sum(n for _, n in trained) == 30  # every row in exactly one site's file
+    assert [r["row"] for r in out] == ["base model", "each site alone, DP epsilon 8 (mean of 3)"]
+    assert len(out[1]["per_site"]) == 3
